@@ -1,0 +1,394 @@
+r"""Flow distributions and the modules that hold their parameters.
+
+A flow pushes a standard Gaussian base :math:`z \sim \mathcal{N}(0, I_d)` through a chain of
+bijectors :math:`x = f_K \circ \dots \circ f_1(z)`; by the change of variables
+
+.. math:: \log q(x) = \log \mathcal{N}(z; 0, I) - \sum_k \log|\det J_{f_k}(z_{k-1})|.
+
+The chain alternates :class:`~flowpolicy.bijectors.Affine` layers and an element-wise
+nonlinearity (:class:`~flowpolicy.bijectors.PReLU` or :class:`~flowpolicy.bijectors.Spline`) and
+ends on an affine layer, optionally followed by :class:`~flowpolicy.bijectors.Tanh`.
+
+As in zuko, modules are lazy: :class:`Flow` and :class:`ConditionalFlow` hold parameters, and
+calling them returns a :class:`FlowDistribution`. Both share one parametrization: a flat vector
+of raw parameters per distribution, learnable for :class:`Flow` and the output of an MLP of the
+context (a hypernetwork) for :class:`ConditionalFlow`, so that the *shape* of the distribution,
+not only its location, depends on the context.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Size, Tensor
+from torch.distributions import Distribution, Independent, Normal, Transform, constraints
+
+from flowpolicy.bijectors import Affine, PReLU, Spline, Tanh, call_and_ladj, inv_and_ladj
+
+__all__ = ["ConditionalFlow", "Flow", "FlowDistribution"]
+
+NONLINEARITIES = ("prelu", "spline")
+
+
+class FlowDistribution(Distribution):
+    r"""A base distribution pushed through a chain of bijectors, with exact log-densities.
+
+    .. math:: x = f(z),\ z \sim p_0, \qquad \log q(x) = \log p_0(f^{-1}(x))
+              - \log|\det J_f(f^{-1}(x))|
+
+    :param base: a distribution over vectors of size ``d`` (``event_shape == (d,)``).
+    :param transforms: the chain, applied first to last; any ``torch.distributions.Transform``
+        on vectors or scalars works, the bijectors of :mod:`flowpolicy.bijectors` use fused calls.
+    :param validate_args: check the values given to :meth:`log_prob` (shape, finiteness).
+
+    Example:
+        >>> dist = Flow(dim=2, layers=4)()
+        >>> x, log_prob = dist.rsample_and_log_prob((512,))
+    """
+
+    has_rsample = True
+    arg_constraints: dict = {}
+
+    def __init__(
+        self,
+        base: Distribution,
+        transforms: Sequence[Transform],
+        validate_args: bool | None = None,
+    ) -> None:
+        if len(base.event_shape) != 1:
+            raise ValueError(
+                f"FlowDistribution: the base must have vector events, got {base.event_shape}"
+            )
+        self.base = base
+        self.transforms = list(transforms)
+        super().__init__(base.batch_shape, base.event_shape, validate_args=validate_args)
+
+    @constraints.dependent_property(is_discrete=False, event_dim=1)
+    def support(self):
+        return self.transforms[-1].codomain if self.transforms else constraints.real_vector
+
+    def push_forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Map base samples ``z`` to ``(x, log q(x))`` in one forward pass (no inverse).
+
+        Useful with noise you hold yourself (fixed noise gives reproducible samples).
+        """
+        log_prob = self.base.log_prob(z)
+        x = z
+        for transform in self.transforms:
+            x, ladj = call_and_ladj(transform, x)
+            log_prob = log_prob - ladj
+        return x, log_prob
+
+    def rsample_and_log_prob(
+        self, sample_shape: Size | Sequence[int] = ()
+    ) -> tuple[Tensor, Tensor]:
+        """Reparameterized samples and their exact log-density, in one pass without inverses."""
+        return self.push_forward(self.base.rsample(Size(sample_shape)))
+
+    def rsample(self, sample_shape: Size | Sequence[int] = ()) -> Tensor:
+        x = self.base.rsample(Size(sample_shape))
+        for transform in self.transforms:
+            x = transform(x)
+        return x
+
+    def sample(self, sample_shape: Size | Sequence[int] = ()) -> Tensor:
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            d = self.event_shape[0]
+            if value.dim() < 1 or value.shape[-1] != d:
+                raise ValueError(
+                    f"log_prob: expected values of shape (..., {d}), got {tuple(value.shape)}"
+                )
+            if not torch.isfinite(value).all():
+                raise ValueError("log_prob: the values contain NaN or inf")
+        log_det = 0.0
+        for transform in reversed(self.transforms):
+            value, ladj = inv_and_ladj(transform, value)
+            log_det = log_det + ladj
+        return self.base.log_prob(value) - log_det
+
+    def entropy_and_stderr(self, num_samples: int = 4096) -> tuple[Tensor, Tensor]:
+        r"""Monte-Carlo entropy :math:`H \approx -\frac{1}{n}\sum_i \log q(x_i)` and its standard
+        error :math:`\hat\sigma/\sqrt{n}`, per batch element."""
+        with torch.no_grad():
+            _, log_prob = self.rsample_and_log_prob((num_samples,))
+        return -log_prob.mean(0), log_prob.std(0) / math.sqrt(num_samples)
+
+    def entropy(self, num_samples: int = 4096) -> Tensor:
+        """Monte-Carlo estimate of the entropy (no gradient); see :meth:`entropy_and_stderr`."""
+        return self.entropy_and_stderr(num_samples)[0]
+
+    def expand(self, batch_shape, _instance=None):
+        raise NotImplementedError("FlowDistribution does not support expand()")
+
+
+class _AffineParams(nn.Module):
+    r"""Raw vector :math:`\theta` of size :math:`d + d(d+1)/2 + d r + r` to an :class:`Affine`.
+
+    The diagonal of :math:`L` is :math:`\mathrm{softplus}(\theta + c) + \epsilon` (1 at
+    :math:`\theta = 0`) and :math:`D = \mathrm{softplus}(\theta)`, so every :math:`\theta` is valid.
+    """
+
+    eps = 1e-4
+
+    def __init__(self, dim: int, rank: int) -> None:
+        super().__init__()
+        self.dim, self.rank = dim, rank
+        n_tril = dim * (dim + 1) // 2
+        self.sizes = (dim, n_tril, dim * rank, rank)
+        self.num_params = sum(self.sizes)
+        # L = [diag, strictly lower] @ scatter: a single matmul builds every L in the batch
+        rows, cols = torch.tril_indices(dim, dim, offset=-1)
+        positions = torch.cat([torch.arange(dim) * (dim + 1), rows * dim + cols])
+        scatter = torch.zeros(n_tril, dim * dim)
+        scatter[torch.arange(n_tril), positions] = 1.0
+        self.register_buffer("scatter", scatter, persistent=False)
+        self.diag_offset = math.log(math.expm1(1.0 - self.eps))
+
+    def init(self, generator: torch.Generator, strength: float) -> Tensor:
+        shift, tril, factor, diag = torch.zeros(self.num_params).split(self.sizes)
+        noise = torch.randn(tril.numel() - self.dim, generator=generator)
+        tril[self.dim :] = strength * noise / math.sqrt(self.dim)
+        factor.copy_(torch.randn(factor.numel(), generator=generator) / math.sqrt(self.dim))
+        diag.fill_(-3.0 if strength > 0 else -20.0)  # D = softplus(-3) ~ 0.05: mild update
+        return torch.cat([shift, tril, factor, diag])
+
+    def forward(self, theta: Tensor) -> Affine:
+        shift, tril, factor, diag = theta.split(self.sizes, dim=-1)
+        d, r = self.dim, self.rank
+        tril_diag = F.softplus(tril[..., :d] + self.diag_offset) + self.eps
+        L = (torch.cat([tril_diag, tril[..., d:]], -1) @ self.scatter).unflatten(-1, (d, d))
+        if r == 0:
+            return Affine(shift, L, validate=False)
+        V = factor.unflatten(-1, (d, r))
+        return Affine(shift, L, V, F.softplus(diag), validate=False)
+
+
+class _PReLUParams(nn.Module):
+    r"""Raw :math:`\theta \in \mathbb{R}^d` to a :class:`PReLU` with slopes :math:`e^\theta`."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.num_params = dim
+
+    def init(self, generator: torch.Generator, strength: float) -> Tensor:
+        # slopes log-uniform in [e^-s, e^s]: all-ones slopes keep the chain linear forever
+        return strength * (2 * torch.rand(self.num_params, generator=generator) - 1)
+
+    def forward(self, theta: Tensor) -> PReLU:
+        return PReLU(theta.exp(), validate=False)
+
+
+class _SplineParams(nn.Module):
+    """Raw vector of size ``d (3K - 1)`` to a :class:`Spline` with ``K`` bins on [-B, B]."""
+
+    def __init__(self, dim: int, bins: int, bound: float) -> None:
+        super().__init__()
+        self.dim, self.bins, self.bound = dim, bins, bound
+        self.num_params = dim * (3 * bins - 1)
+        self.identity_derivative = math.log(math.expm1(1.0 - Spline.min_derivative))
+
+    def init(self, generator: torch.Generator, strength: float) -> Tensor:
+        theta = torch.zeros(self.dim, 3 * self.bins - 1)
+        theta[:, 2 * self.bins :] = self.identity_derivative
+        theta += strength * 0.1 * torch.randn(theta.shape, generator=generator)
+        return theta.flatten()
+
+    def forward(self, theta: Tensor) -> Spline:
+        theta = theta.unflatten(-1, (self.dim, 3 * self.bins - 1))
+        widths, heights, derivatives = theta.split([self.bins, self.bins, self.bins - 1], -1)
+        return Spline(widths, heights, derivatives, self.bound, validate=False)
+
+
+class _FlowParams(nn.Module):
+    """The chain's layout: raw parameter vector ``(..., P)`` to a :class:`FlowDistribution`."""
+
+    def __init__(
+        self,
+        dim: int,
+        layers: int,
+        rank: int,
+        nonlinearity: str,
+        squash: bool,
+        bins: int,
+        bound: float,
+    ) -> None:
+        super().__init__()
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        if not isinstance(layers, int) or layers < 0:
+            raise ValueError(f"layers must be a non-negative integer, got {layers!r}")
+        if not isinstance(rank, int) or not 0 <= rank <= dim:
+            raise ValueError(f"rank must be an integer in [0, dim = {dim}], got {rank!r}")
+        if nonlinearity not in NONLINEARITIES:
+            raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}, got {nonlinearity!r}")
+        if nonlinearity == "spline" and (bins < 2 or not bound > 0):
+            raise ValueError(f"spline needs bins >= 2 and bound > 0, got {bins} and {bound}")
+        self.dim, self.squash = dim, squash
+        chain: list[nn.Module] = []
+        for _ in range(layers):
+            chain.append(_AffineParams(dim, rank))
+            if nonlinearity == "prelu":
+                chain.append(_PReLUParams(dim))
+            else:
+                chain.append(_SplineParams(dim, bins, bound))
+        chain.append(_AffineParams(dim, rank))
+        self.chain = nn.ModuleList(chain)
+        self.sizes = [layer.num_params for layer in chain]
+        self.num_params = sum(self.sizes)
+        self.register_buffer("zero", torch.zeros(dim), persistent=False)
+        self.register_buffer("one", torch.ones(dim), persistent=False)
+
+    def init(self, seed: int | None, strength: float) -> Tensor:
+        generator = torch.Generator()
+        if seed is None:
+            # draw from the global generator: torch.seed() would re-seed it non-deterministically
+            seed = int(torch.randint(0, 2**62, ()).item())
+        generator.manual_seed(seed)
+        return torch.cat([layer.init(generator, strength) for layer in self.chain])
+
+    def forward(self, theta: Tensor, validate_args: bool | None) -> FlowDistribution:
+        batch = theta.shape[:-1]
+        transforms = [layer(t) for layer, t in zip(self.chain, theta.split(self.sizes, -1))]
+        if self.squash:
+            transforms.append(Tanh())
+        shape = batch + (self.dim,)
+        base = Independent(Normal(self.zero.expand(shape), self.one.expand(shape)), 1)
+        return FlowDistribution(base, transforms, validate_args=validate_args)
+
+
+class Flow(nn.Module):
+    r"""A learnable flow distribution over :math:`\mathbb{R}^d` (or :math:`(-1, 1)^d` with
+    ``squash``): ``flow()`` returns a :class:`FlowDistribution`.
+
+    The chain is ``layers`` blocks of (affine, nonlinearity) followed by a final affine layer:
+
+    .. math:: f = A_{L+1} \circ g_L \circ A_L \circ \dots \circ g_1 \circ A_1 \ [\circ\ \tanh]
+
+    Initialization matters more than depth: PReLU slopes start log-uniform in
+    :math:`[e^{-s}, e^{s}]` with ``s = init_strength`` (slopes all equal to 1 start a linear chain
+    that stays linear), the affine layers start as random shears, splines start near the identity.
+
+    :param dim: event size ``d``.
+    :param layers: number of nonlinear layers; the chain has ``layers + 1`` affine layers.
+    :param rank: rank ``r`` of the low-rank update in each affine layer, ``0 <= r <= d``.
+    :param nonlinearity: ``"prelu"`` (a two-piece linear spline) or ``"spline"`` (monotone
+        rational-quadratic, the choice for well-separated modes).
+    :param squash: end the chain with :class:`~flowpolicy.bijectors.Tanh` (support ``(-1, 1)^d``).
+    :param bins: spline bins ``K``.
+    :param bound: spline interval ``[-B, B]``; identity outside.
+    :param init_strength: spread of the random initialization (``0`` starts at the identity map).
+    :param seed: seed of the initialization (``None``: from torch's global generator).
+
+    Example:
+        >>> flow = Flow(dim=2, layers=16, rank=1)
+        >>> loss = -flow().log_prob(data).mean()
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        layers: int = 8,
+        rank: int = 1,
+        nonlinearity: str = "prelu",
+        squash: bool = False,
+        bins: int = 8,
+        bound: float = 4.0,
+        init_strength: float = 1.0,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = dict(
+            dim=dim,
+            layers=layers,
+            rank=rank,
+            nonlinearity=nonlinearity,
+            squash=squash,
+            bins=bins,
+            bound=bound,
+        )
+        self.layout = _FlowParams(dim, layers, rank, nonlinearity, squash, bins, bound)
+        self.theta = nn.Parameter(self.layout.init(seed, init_strength))
+
+    def forward(self, validate_args: bool | None = None) -> FlowDistribution:
+        return self.layout(self.theta, validate_args)
+
+
+class ConditionalFlow(nn.Module):
+    r"""A flow whose every bijector parameter is a function of a context vector ``c``.
+
+    .. math:: \theta(c) = W\,\mathrm{MLP}(c) + b, \qquad q(x \mid c) = \text{flow}_{\theta(c)}(x)
+
+    ``cflow(context)`` returns a :class:`FlowDistribution` with
+    ``batch_shape == context.shape[:-1]``. The output layer starts with small weights and its
+    bias at the initialization of :class:`Flow`, so at first every context gets nearly the same
+    well-initialized flow, and training makes its shape context-dependent.
+
+    :param dim: event size ``d``.
+    :param context_dim: size of the context vector.
+    :param layers: number of nonlinear layers (see :class:`Flow`).
+    :param rank: rank of the low-rank update of each affine layer.
+    :param hidden: hidden sizes of the MLP; ``()`` makes the hypernetwork a single linear head
+        (for a context that is already a learned feature, such as a policy's latent).
+    :param nonlinearity: ``"prelu"`` or ``"spline"``.
+    :param squash: end with tanh (actions in ``(-1, 1)^d``).
+    :param activation: activation class of the MLP.
+    :param bins: spline bins.
+    :param bound: spline interval ``[-B, B]``.
+    :param init_strength: spread of the initialization (``0``: identity map plus a tiny
+        context-dependent part).
+    :param head_scale: scale of the output layer's initial weights.
+    :param seed: seed of the flow's initial parameters (``None``: torch's global generator).
+
+    Example:
+        >>> cflow = ConditionalFlow(dim=2, context_dim=5, layers=4, rank=1, hidden=(256, 256))
+        >>> dist = cflow(torch.randn(32, 5))   # batch_shape (32,)
+        >>> actions, log_prob = dist.rsample_and_log_prob()
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        context_dim: int,
+        layers: int = 4,
+        rank: int = 1,
+        hidden: Sequence[int] = (256, 256),
+        nonlinearity: str = "prelu",
+        squash: bool = False,
+        activation: type[nn.Module] = nn.ReLU,
+        bins: int = 8,
+        bound: float = 4.0,
+        init_strength: float = 1.0,
+        head_scale: float = 1e-2,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(context_dim, int) or context_dim < 1:
+            raise ValueError(f"context_dim must be a positive integer, got {context_dim!r}")
+        self.context_dim = context_dim
+        self.layout = _FlowParams(dim, layers, rank, nonlinearity, squash, bins, bound)
+        modules: list[nn.Module] = []
+        width = context_dim
+        for size in hidden:
+            modules += [nn.Linear(width, size), activation()]
+            width = size
+        head = nn.Linear(width, self.layout.num_params)
+        with torch.no_grad():
+            head.weight.mul_(head_scale)
+            head.bias.copy_(self.layout.init(seed, init_strength))
+        self.hyper = nn.Sequential(*modules, head)
+
+    def forward(self, context: Tensor, validate_args: bool | None = None) -> FlowDistribution:
+        if context.dim() < 1 or context.shape[-1] != self.context_dim:
+            raise ValueError(
+                f"ConditionalFlow: expected a context of shape (..., {self.context_dim}), "
+                f"got {tuple(context.shape)}"
+            )
+        return self.layout(self.hyper(context), validate_args)

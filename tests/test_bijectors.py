@@ -1,0 +1,192 @@
+"""Property tests of every bijector, in float64: inverse, log-det, fused calls, broadcasting."""
+
+import math
+
+import pytest
+import torch
+from torch.autograd.functional import jacobian
+from torch.distributions import ComposeTransform, Independent, Normal, TransformedDistribution
+
+from flowpolicy.bijectors import Affine, PReLU, Spline, Tanh, call_and_ladj, inv_and_ladj
+
+DTYPE = torch.float64
+SHAPES = [(1, 0), (2, 1), (3, 3), (6, 2), (17, 1), (17, 5)]  # (d, r)
+
+
+def affine_params(d: int, r: int, batch=(), g=None) -> tuple[torch.Tensor, ...]:
+    L = torch.randn(*batch, d, d, generator=g, dtype=DTYPE).tril(-1) / d**0.5
+    L = L + torch.diag_embed(torch.rand(*batch, d, generator=g, dtype=DTYPE) + 0.5)
+    shift = torch.randn(*batch, d, generator=g, dtype=DTYPE)
+    if r == 0:
+        return shift, L
+    V = torch.randn(*batch, d, r, generator=g, dtype=DTYPE)
+    return shift, L, V, torch.rand(*batch, r, generator=g, dtype=DTYPE)
+
+
+def prelu_params(d: int, r: int, batch=(), g=None) -> tuple[torch.Tensor, ...]:
+    return (torch.exp(torch.randn(*batch, d, generator=g, dtype=DTYPE)),)
+
+
+def spline_params(d: int, r: int, batch=(), g=None) -> tuple[torch.Tensor, ...]:
+    K = 5
+    w, h = (torch.randn(*batch, d, K, generator=g, dtype=DTYPE) for _ in range(2))
+    return w, h, torch.randn(*batch, d, K - 1, generator=g, dtype=DTYPE)
+
+
+def make(name: str, params: tuple[torch.Tensor, ...]):
+    if name == "spline":
+        return Spline(*params, bound=3.0)
+    return {"affine": Affine, "prelu": PReLU, "tanh": Tanh}[name](*params)
+
+
+PARAMS = {
+    "affine": affine_params,
+    "prelu": prelu_params,
+    "spline": spline_params,
+    "tanh": lambda d, r, batch=(), g=None: (),
+}
+
+
+def make_random(name: str, d: int, r: int, batch=(), g=None):
+    return make(name, PARAMS[name](d, r, batch, g))
+
+
+def inputs(d: int, n: int, g) -> torch.Tensor:
+    # scale 2.5 puts spline inputs both inside and outside [-3, 3]
+    return 2.5 * torch.randn(n, d, generator=g, dtype=DTYPE)
+
+
+@pytest.fixture
+def g() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+@pytest.mark.parametrize("name", PARAMS)
+@pytest.mark.parametrize("d,r", SHAPES)
+def test_inverse_round_trip(name, d, r, g):
+    f = make_random(name, d, r, g=g)
+    x = inputs(d, 64, g)
+    y = f(x)
+    assert y.shape == x.shape
+    torch.testing.assert_close(f.inv(y), x, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", PARAMS)
+@pytest.mark.parametrize("d,r", SHAPES)
+def test_log_det_matches_autograd_jacobian(name, d, r, g):
+    f = make_random(name, d, r, g=g)
+    for x in inputs(d, 8, g):
+        J = jacobian(f, x)
+        sign, expected = torch.linalg.slogdet(J)
+        assert sign > 0  # every bijector here preserves orientation
+        ladj = f.log_abs_det_jacobian(x, f(x))
+        assert ladj.shape == ()
+        torch.testing.assert_close(ladj, expected, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", PARAMS)
+@pytest.mark.parametrize("d,r", [(2, 1), (6, 2)])
+def test_fused_calls_equal_separate_calls(name, d, r, g):
+    f = make_random(name, d, r, g=g)
+    x = inputs(d, 32, g)
+    y, ladj = call_and_ladj(f, x)
+    torch.testing.assert_close(y, f(x))
+    torch.testing.assert_close(ladj, f.log_abs_det_jacobian(x, y))
+    x_back, ladj_back = inv_and_ladj(f, y)
+    torch.testing.assert_close(x_back, x, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(ladj_back, ladj, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["affine", "prelu", "spline"])
+def test_batched_parameters_broadcast(name, g):
+    """One parameter set per batch element (a policy's states) against extra sample dims."""
+    d, r, B, S = 3, 2, 4, 5
+    params = PARAMS[name](d, r, (B,), g)
+    f = make(name, params)
+    x = inputs(d, S * B, g).reshape(S, B, d)
+    y, ladj = call_and_ladj(f, x)
+    assert y.shape == (S, B, d) and ladj.shape == (S, B)
+    for b in range(B):
+        yb, lb = call_and_ladj(make(name, tuple(p[b] for p in params)), x[:, b])
+        torch.testing.assert_close(y[:, b], yb)
+        torch.testing.assert_close(ladj[:, b], lb)
+    torch.testing.assert_close(inv_and_ladj(f, y)[0], x, rtol=1e-8, atol=1e-8)
+
+
+def test_works_inside_torch_transformed_distribution(g):
+    """The bijectors are plain torch Transforms: torch's own machinery gives the same density."""
+    d = 3
+    chain = [make_random(name, d, 1, g=g) for name in ("affine", "prelu", "spline", "tanh")]
+    base = Independent(Normal(torch.zeros(d, dtype=DTYPE), torch.ones(d, dtype=DTYPE)), 1)
+    dist = TransformedDistribution(base, [ComposeTransform(chain)])
+    z = base.sample((16,))
+    x = dist.transforms[0](z)
+    expected = base.log_prob(z)
+    for f in chain:
+        z, ladj = call_and_ladj(f, z)
+        expected = expected - ladj
+    # tanh is inverted near saturation: float64 atanh loses a few digits there
+    torch.testing.assert_close(dist.log_prob(x), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_spline_is_identity_outside_bound_and_at_zero_parameters(g):
+    d, K = 2, 6
+    zeros = torch.zeros(d, K, dtype=DTYPE)
+    identity_derivative = math.log(math.expm1(1.0 - Spline.min_derivative))
+    f = Spline(zeros, zeros, torch.full((d, K - 1), identity_derivative, dtype=DTYPE), 2.0)
+    x = inputs(d, 50, g)
+    y, ladj = f.call_and_ladj(x)
+    torch.testing.assert_close(y, x)
+    torch.testing.assert_close(ladj, torch.zeros(50, dtype=DTYPE), atol=1e-12, rtol=0)
+    f = make_random("spline", d, 0, g=g)
+    outside = torch.tensor([[-7.0, 3.5], [4.0, -3.0001]], dtype=DTYPE)
+    y, ladj = f.call_and_ladj(outside)
+    torch.testing.assert_close(y, outside)
+    assert (ladj == 0).all()
+
+
+def test_tanh_is_stable_at_extremes():
+    f = Tanh()
+    x = torch.tensor([[-1e4, 50.0], [0.0, 1e4]], dtype=torch.float32)
+    y, ladj = f.call_and_ladj(x)
+    assert torch.isfinite(ladj).all()
+    # log(1 - tanh(50)^2) = log(4) - 100 - 2 softplus(-100) ~ -98.61
+    torch.testing.assert_close(ladj[0], torch.tensor(-1e4 * 2 - 98.6137), rtol=1e-4, atol=1e-2)
+    x_back, ladj_back = f.inv_and_ladj(torch.tensor([[1.0, -1.0]], dtype=torch.float32))
+    assert torch.isfinite(x_back).all() and torch.isfinite(ladj_back).all()
+
+
+def test_affine_is_never_singular():
+    """S = L (I + V D V^T) stays invertible even where L + V D V^T would be singular."""
+    L = torch.eye(2, dtype=DTYPE)
+    V = torch.tensor([[1.0], [-1.0]], dtype=DTYPE)
+    D = torch.tensor([1e6], dtype=DTYPE)
+    f = Affine(torch.zeros(2, dtype=DTYPE), L, V, D)
+    expected = torch.log(torch.tensor(1 + 2e6, dtype=DTYPE))
+    torch.testing.assert_close(f.log_det(), expected)
+    x = torch.randn(10, 2, dtype=DTYPE)
+    torch.testing.assert_close(f.inv(f(x)), x, rtol=1e-6, atol=1e-6)
+
+
+def test_bad_parameters_get_clear_errors():
+    z = torch.zeros(2)
+    with pytest.raises(ValueError, match="positive"):
+        PReLU(torch.tensor([1.0, 0.0]))
+    with pytest.raises(ValueError, match="positive"):
+        PReLU(torch.tensor([1.0, -2.0]))
+    with pytest.raises(ValueError, match="non-finite"):
+        PReLU(torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match="diagonal"):
+        Affine(z, torch.diag(torch.tensor([1.0, -1.0])))
+    with pytest.raises(ValueError, match="shape"):
+        Affine(z, torch.eye(3))
+    with pytest.raises(ValueError, match="rank"):
+        Affine(z, torch.eye(2), torch.ones(2, 3), torch.ones(3))
+    with pytest.raises(ValueError, match="non-negative"):
+        Affine(z, torch.eye(2), torch.ones(2, 1), -torch.ones(1))
+    with pytest.raises(ValueError, match="non-finite"):
+        Affine(torch.tensor([0.0, float("inf")]), torch.eye(2))
+    with pytest.raises(ValueError, match="shape"):
+        Spline(torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="bound"):
+        Spline(torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(2, 3), bound=0.0)

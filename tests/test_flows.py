@@ -1,0 +1,174 @@
+"""Tests of the flow distributions: normalization, exact densities, gradients, errors."""
+
+import math
+
+import pytest
+import torch
+from torch.distributions import ExpTransform, Independent, LogNormal, Normal
+
+from flowpolicy import ConditionalFlow, Flow, FlowDistribution
+
+NONLINEARITIES = ["prelu", "spline"]
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def grid_mass(log_prob, low: float, high: float, n: int) -> float:
+    """Midpoint-rule integral of exp(log_prob) over the square [low, high]^2."""
+    edges = torch.linspace(low, high, n + 1)
+    centres = (edges[1:] + edges[:-1]) / 2
+    xy = torch.cartesian_prod(centres, centres)
+    with torch.no_grad():
+        return float(log_prob(xy).exp().sum() * ((high - low) / n) ** 2)
+
+
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+def test_2d_density_integrates_to_one(nonlinearity):
+    flow = Flow(dim=2, layers=3, rank=1, nonlinearity=nonlinearity, seed=0, init_strength=0.5)
+    dist = flow()
+    samples = dist.sample((20000,))
+    # the grid must hold the mass: cover the samples' range with a margin
+    half = float(samples.abs().quantile(0.9999)) * 1.5
+    assert grid_mass(dist.log_prob, -half, half, 800) == pytest.approx(1.0, abs=1e-2)
+
+
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+def test_squashed_density_integrates_to_one_on_the_square(nonlinearity):
+    flow = Flow(dim=2, layers=2, rank=1, nonlinearity=nonlinearity, squash=True, seed=1)
+    dist = flow()
+    # atanh-spaced grid: uniform in u = atanh(x), the density in x is integrated exactly
+    n = 600
+    u = torch.linspace(-8, 8, n + 1)
+    centres, widths = torch.tanh((u[1:] + u[:-1]) / 2), torch.tanh(u[1:]) - torch.tanh(u[:-1])
+    xy = torch.cartesian_prod(centres, centres)
+    area = torch.outer(widths, widths).flatten()
+    with torch.no_grad():
+        mass = float((dist.log_prob(xy).exp() * area).sum())
+    assert mass == pytest.approx(1.0, abs=1e-2)
+    assert (dist.sample((1000,)).abs() < 1).all()
+
+
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+@pytest.mark.parametrize("squash", [False, True])
+def test_rsample_and_log_prob_agrees_with_log_prob(nonlinearity, squash):
+    dist = Flow(5, layers=4, rank=2, nonlinearity=nonlinearity, squash=squash, seed=2)()
+    x, log_prob = dist.rsample_and_log_prob((256,))
+    assert x.shape == (256, 5) and log_prob.shape == (256,)
+    if not squash:
+        torch.testing.assert_close(dist.log_prob(x), log_prob, rtol=1e-7, atol=1e-6)
+        return
+    # near saturation atanh loses digits, and where |u| > ~19 tanh(u) = +-1 exactly in float64
+    invertible = x.abs().amax(-1) < 1 - 1e-12
+    assert invertible.float().mean() > 0.8
+    torch.testing.assert_close(
+        dist.log_prob(x)[invertible], log_prob[invertible], rtol=1e-5, atol=1e-6
+    )
+
+
+def test_affine_only_flow_is_the_exact_gaussian():
+    """With no nonlinear layers the flow is N(b, S S^T): compare densities and entropy."""
+    flow = Flow(3, layers=0, rank=2, seed=3)
+    dist = flow()
+    affine = dist.transforms[0]
+    S = (affine(torch.eye(3)) - affine.shift).T  # column i is S e_i
+    gaussian = torch.distributions.MultivariateNormal(affine.shift, covariance_matrix=S @ S.T)
+    x = gaussian.sample((100,))
+    torch.testing.assert_close(dist.log_prob(x), gaussian.log_prob(x))
+    entropy, stderr = dist.entropy_and_stderr(20000)
+    assert abs(float(entropy - gaussian.entropy().detach())) < 5 * float(stderr) + 1e-9
+
+
+def test_entropy_estimate_matches_minus_mean_log_prob_of_own_samples():
+    dist = Flow(2, layers=4, seed=4)()
+    entropy, stderr = dist.entropy_and_stderr(50000)
+    x = dist.sample((50000,))
+    assert abs(float(entropy + dist.log_prob(x).mean())) < 6 * float(stderr)
+    assert float(stderr) > 0
+
+
+def test_exp_of_normal_through_our_machinery_is_lognormal():
+    """The seed's first example: exp of a standard normal is the log-normal."""
+    base = Independent(Normal(torch.zeros(3), torch.ones(3)), 1)
+    dist = FlowDistribution(base, [ExpTransform()])
+    reference = Independent(LogNormal(torch.zeros(3), torch.ones(3)), 1)
+    x, log_prob = dist.rsample_and_log_prob((100,))
+    torch.testing.assert_close(log_prob, reference.log_prob(x))
+    torch.testing.assert_close(dist.log_prob(x), reference.log_prob(x))
+
+
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+def test_gradients_reach_every_parameter(nonlinearity):
+    flow = Flow(3, layers=2, rank=2, nonlinearity=nonlinearity, seed=5)
+    x, log_prob = flow().rsample_and_log_prob((64,))
+    (log_prob.mean() + x.pow(2).mean()).backward()
+    assert flow.theta.grad is not None
+    # every raw parameter of every layer moves the loss (a linear chain would leave slopes dead)
+    assert (flow.theta.grad != 0).float().mean() > 0.9
+    cflow = ConditionalFlow(2, 4, layers=2, rank=1, hidden=(16,), nonlinearity=nonlinearity)
+    dist = cflow(torch.randn(8, 4))
+    dist.log_prob(torch.rand(8, 2) - 0.5).sum().backward()
+    for name, parameter in cflow.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("cls", ["flow", "conditional"])
+def test_state_dict_round_trip(cls):
+    if cls == "flow":
+        a, b = Flow(2, layers=3, seed=6), Flow(2, layers=3, seed=7)
+        args = ()
+    else:
+        a = ConditionalFlow(2, 3, layers=2, hidden=(8,), nonlinearity="spline", seed=6)
+        b = ConditionalFlow(2, 3, layers=2, hidden=(8,), nonlinearity="spline", seed=7)
+        args = (torch.randn(5, 3),)
+    x = torch.randn(5, 2)
+    assert not torch.allclose(a(*args).log_prob(x), b(*args).log_prob(x))
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(a(*args).log_prob(x), b(*args).log_prob(x), rtol=0, atol=0)
+
+
+def test_conditional_flow_shape_depends_on_context():
+    cflow = ConditionalFlow(2, 5, layers=2, rank=1, hidden=(32, 32), head_scale=1.0, seed=8)
+    context = torch.randn(7, 3, 5)
+    dist = cflow(context)
+    assert dist.batch_shape == (7, 3) and dist.event_shape == (2,)
+    x, log_prob = dist.rsample_and_log_prob((4,))
+    assert x.shape == (4, 7, 3, 2) and log_prob.shape == (4, 7, 3)
+    torch.testing.assert_close(dist.log_prob(x), log_prob, rtol=1e-7, atol=1e-6)
+    # different contexts give differently *shaped* densities, not only shifted ones
+    one, two = cflow(context[0, 0]), cflow(context[0, 1])
+    assert not torch.allclose(one.transforms[1].alpha, two.transforms[1].alpha)
+
+
+def test_flow_initialization_is_not_linear():
+    """Slopes all equal to 1 would keep the chain linear forever (DESIGN.md §3)."""
+    dist = Flow(2, layers=4, seed=9)()
+    slopes = torch.cat([t.alpha for t in dist.transforms[1::2]])
+    assert slopes.min() < 0.8 and slopes.max() > 1.25
+    assert math.isclose(
+        float(Flow(2, layers=4, init_strength=0.0)().log_prob(torch.zeros(2))),
+        -math.log(2 * math.pi),
+        rel_tol=1e-6,
+    )
+
+
+def test_bad_input_gets_clear_errors():
+    dist = Flow(2, layers=1)()
+    with pytest.raises(ValueError, match=r"shape \(\.\.\., 2\)"):
+        dist.log_prob(torch.zeros(5, 3))
+    with pytest.raises(ValueError, match="NaN"):
+        dist.log_prob(torch.tensor([[0.0, float("nan")]]))
+    with pytest.raises(ValueError, match="rank"):
+        Flow(2, rank=3)
+    with pytest.raises(ValueError, match="nonlinearity"):
+        Flow(2, nonlinearity="relu")
+    with pytest.raises(ValueError, match="dim"):
+        Flow(0)
+    cflow = ConditionalFlow(2, 4, hidden=())
+    with pytest.raises(ValueError, match=r"context of shape \(\.\.\., 4\)"):
+        cflow(torch.zeros(3, 5))
