@@ -117,25 +117,36 @@ class Affine(Transform):
         self.shift = shift
         self.scale_tril = scale_tril
         self.log_diag = torch.diagonal(scale_tril, dim1=-2, dim2=-1).log()
-        if perturb_factor is None:
-            self.factor = None
-            self.capacitance_tril = None
-        else:
-            # V D^(1/2): the update is V D V^T = factor factor^T
-            self.factor = perturb_factor
-            if perturb_diag is not None:
-                self.factor = perturb_factor * perturb_diag.sqrt()[..., None, :]
-            r = self.factor.shape[-1]
-            eye = torch.eye(r, dtype=shift.dtype, device=shift.device)
-            self.capacitance_tril = torch.linalg.cholesky(eye + self.factor.mT @ self.factor)
+        # V D^(1/2), so that the update is V D V^T = factor factor^T
+        self.factor = perturb_factor
+        if perturb_factor is not None and perturb_diag is not None:
+            self.factor = perturb_factor * perturb_diag.sqrt()[..., None, :]
+        self._capacitance_tril: Tensor | None = None
+
+    @property
+    def capacitance_tril(self) -> Tensor:
+        """Cholesky factor R of C = I_r + D^(1/2) V^T V D^(1/2); computed once, when needed."""
+        if self._capacitance_tril is None:
+            eye = torch.eye(
+                self.factor.shape[-1], dtype=self.factor.dtype, device=self.factor.device
+            )
+            self._capacitance_tril = torch.linalg.cholesky(eye + self.factor.mT @ self.factor)
+        return self._capacitance_tril
 
     def log_det(self) -> Tensor:
         """log|det S| for each parameter set, shape ``batch``."""
         ladj = self.log_diag.sum(-1)
-        if self.capacitance_tril is not None:
-            diag = torch.diagonal(self.capacitance_tril, dim1=-2, dim2=-1)
-            ladj = ladj + 2 * diag.log().sum(-1)
-        return ladj
+        if self.factor is None:
+            return ladj
+        r = self.factor.shape[-1]
+        if r == 1:  # det C = 1 + |f|^2, without a batched LAPACK call
+            return ladj + torch.log1p(self.factor.pow(2).sum((-2, -1)))
+        if r == 2:  # det C = (1 + a)(1 + c) - b^2 >= 1, since C >= I
+            gram = self.factor.mT @ self.factor
+            a, b, c = gram[..., 0, 0], gram[..., 0, 1], gram[..., 1, 1]
+            return ladj + torch.log((1 + a) * (1 + c) - b * b)
+        diag = torch.diagonal(self.capacitance_tril, dim1=-2, dim2=-1)
+        return ladj + 2 * diag.log().sum(-1)
 
     def _call(self, x: Tensor) -> Tensor:
         if self.factor is not None:
@@ -190,6 +201,14 @@ class PReLU(Transform):
                 raise ValueError("PReLU: slopes alpha must be positive (alpha > 0)")
         self.alpha = alpha
         self.log_alpha = alpha.log()
+
+    @classmethod
+    def from_log_slopes(cls, log_alpha: Tensor) -> PReLU:
+        """The PReLU with slopes ``exp(log_alpha)``: valid for any finite ``log_alpha``."""
+        prelu = cls.__new__(cls)
+        Transform.__init__(prelu)
+        prelu.alpha, prelu.log_alpha = log_alpha.exp(), log_alpha
+        return prelu
 
     def _call(self, x: Tensor) -> Tensor:
         return torch.where(x >= 0, x, self.alpha * x)

@@ -130,10 +130,11 @@ class FlowDistribution(Distribution):
 
 
 class _AffineParams(nn.Module):
-    r"""Raw vector :math:`\theta` of size :math:`d + d(d+1)/2 + d r + r` to an :class:`Affine`.
+    r"""Raw vector :math:`\theta` of size :math:`d + d(d+1)/2 + d r` to an :class:`Affine`.
 
     The diagonal of :math:`L` is :math:`\mathrm{softplus}(\theta + c) + \epsilon` (1 at
-    :math:`\theta = 0`) and :math:`D = \mathrm{softplus}(\theta)`, so every :math:`\theta` is valid.
+    :math:`\theta = 0`), so every :math:`\theta` is valid. The low-rank factor is learned as
+    :math:`F = V D^{1/2}` directly (``perturb_diag`` is redundant for a learned parametrization).
     """
 
     eps = 1e-4
@@ -142,7 +143,7 @@ class _AffineParams(nn.Module):
         super().__init__()
         self.dim, self.rank = dim, rank
         n_tril = dim * (dim + 1) // 2
-        self.sizes = (dim, n_tril, dim * rank, rank)
+        self.sizes = (dim, n_tril, dim * rank)
         self.num_params = sum(self.sizes)
         # L = [diag, strictly lower] @ scatter: a single matmul builds every L in the batch
         rows, cols = torch.tril_indices(dim, dim, offset=-1)
@@ -153,22 +154,21 @@ class _AffineParams(nn.Module):
         self.diag_offset = math.log(math.expm1(1.0 - self.eps))
 
     def init(self, generator: torch.Generator, strength: float) -> Tensor:
-        shift, tril, factor, diag = torch.zeros(self.num_params).split(self.sizes)
+        shift, tril, factor = torch.zeros(self.num_params).split(self.sizes)
         noise = torch.randn(tril.numel() - self.dim, generator=generator)
         tril[self.dim :] = strength * noise / math.sqrt(self.dim)
-        factor.copy_(torch.randn(factor.numel(), generator=generator) / math.sqrt(self.dim))
-        diag.fill_(-3.0 if strength > 0 else -20.0)  # D = softplus(-3) ~ 0.05: mild update
-        return torch.cat([shift, tril, factor, diag])
+        # a mild update, |F|^2 ~ 0.05: strong updates compound over layers into huge scales
+        noise = torch.randn(factor.numel(), generator=generator)
+        factor.copy_(min(strength, 1.0) * 0.22 * noise / math.sqrt(self.dim))
+        return torch.cat([shift, tril, factor])
 
     def forward(self, theta: Tensor) -> Affine:
-        shift, tril, factor, diag = theta.split(self.sizes, dim=-1)
+        shift, tril, factor = theta.split(self.sizes, dim=-1)
         d, r = self.dim, self.rank
         tril_diag = F.softplus(tril[..., :d] + self.diag_offset) + self.eps
         L = (torch.cat([tril_diag, tril[..., d:]], -1) @ self.scatter).unflatten(-1, (d, d))
-        if r == 0:
-            return Affine(shift, L, validate=False)
-        V = factor.unflatten(-1, (d, r))
-        return Affine(shift, L, V, F.softplus(diag), validate=False)
+        V = factor.unflatten(-1, (d, r)) if r > 0 else None
+        return Affine(shift, L, V, validate=False)
 
 
 class _PReLUParams(nn.Module):
@@ -183,7 +183,7 @@ class _PReLUParams(nn.Module):
         return strength * (2 * torch.rand(self.num_params, generator=generator) - 1)
 
     def forward(self, theta: Tensor) -> PReLU:
-        return PReLU(theta.exp(), validate=False)
+        return PReLU.from_log_slopes(theta)
 
 
 class _SplineParams(nn.Module):
@@ -260,7 +260,8 @@ class _FlowParams(nn.Module):
         if self.squash:
             transforms.append(Tanh())
         shape = batch + (self.dim,)
-        base = Independent(Normal(self.zero.expand(shape), self.one.expand(shape)), 1)
+        normal = Normal(self.zero.expand(shape), self.one.expand(shape), validate_args=False)
+        base = Independent(normal, 1, validate_args=False)
         return FlowDistribution(base, transforms, validate_args=validate_args)
 
 
