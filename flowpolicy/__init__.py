@@ -1,7 +1,10 @@
-"""flowpolicy: normalizing-flow policies for Stable-Baselines3 SAC."""
+"""flowpolicy: normalizing-flow policies for Stable-Baselines3 SAC.
 
-from flowpolicy import bijectors
+Importing the package registers the ``LakeCrossing-v0`` Gymnasium environment.
+"""
+
+from flowpolicy import bijectors, envs
 from flowpolicy.flows import ConditionalFlow, Flow, FlowDistribution
 
-__all__ = ["ConditionalFlow", "Flow", "FlowDistribution", "bijectors"]
+__all__ = ["ConditionalFlow", "Flow", "FlowDistribution", "bijectors", "envs"]
 __version__ = "0.1.0"

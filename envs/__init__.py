@@ -1,0 +1,33 @@
+"""Environments for flowpolicy, installed as the subpackage ``flowpolicy.envs``.
+
+Importing this module registers ``LakeCrossing-v0`` with Gymnasium (Gymnasium 1.x has no
+plugin loading, so registration happens on import).
+"""
+
+from gymnasium.envs.registration import register, registry
+
+from .expert import Demonstrations, LakeExpert, collect_demonstrations
+from .lake import LakeCrossingEnv, geodesic_distance
+from .plotting import draw_lake, plot_trajectories, rollout
+
+__all__ = [
+    "Demonstrations",
+    "LakeCrossingEnv",
+    "LakeExpert",
+    "collect_demonstrations",
+    "draw_lake",
+    "geodesic_distance",
+    "plot_trajectories",
+    "rollout",
+]
+
+# Guarded: re-importing (e.g. importlib.reload) must not trigger Gymnasium's
+# "Overriding environment" warning.
+if "LakeCrossing-v0" not in registry:
+    register(
+        id="LakeCrossing-v0",
+        entry_point="flowpolicy.envs.lake:LakeCrossingEnv",
+        # The geodesic at full speed takes 23 steps from the default start; 60 leaves room for
+        # detours while keeping episodes short, which speeds up learning.
+        max_episode_steps=60,
+    )

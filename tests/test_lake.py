@@ -1,0 +1,503 @@
+"""Tests of the LakeCrossing environment, its scripted expert and the plotting helpers."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import flowpolicy.envs as lake_envs
+from flowpolicy.envs import (
+    LakeCrossingEnv,
+    LakeExpert,
+    collect_demonstrations,
+    geodesic_distance,
+)
+from flowpolicy.envs.plotting import draw_lake, plot_trajectories, rollout
+
+DEFAULT_START = (0.0, -1.25)
+
+
+def mirror(v):
+    """Mirror about the default symmetry axis x = 0."""
+    return np.array([-v[0], v[1]], dtype=np.asarray(v).dtype)
+
+
+def shaping_part(env: LakeCrossingEnv, reward: float, info: dict) -> float:
+    """The shaping term of a reward: r + step_cost - bonus [success] + penalty [drowned]."""
+    return (
+        reward
+        + env.step_cost
+        - env.home_bonus * info["success"]
+        + env.lake_penalty * info["drowned"]
+    )
+
+
+# ----------------------------------------------------------------------------- API checks
+
+
+@pytest.mark.parametrize("render_mode", [None, "rgb_array"])
+def test_gymnasium_check_env(render_mode):
+    from gymnasium.utils.env_checker import check_env
+
+    env = gym.make("LakeCrossing-v0", render_mode=render_mode)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_env(env.unwrapped)
+    assert [str(w.message) for w in caught] == []
+
+
+def test_sb3_check_env():
+    from stable_baselines3.common.env_checker import check_env
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_env(LakeCrossingEnv())
+        check_env(gym.make("LakeCrossing-v0"))
+    assert [str(w.message) for w in caught] == []
+
+
+def test_make_registration_and_time_limit():
+    env = gym.make("LakeCrossing-v0")
+    assert isinstance(env.unwrapped, LakeCrossingEnv)
+    assert env.spec.max_episode_steps == 60
+    env.reset(seed=0)
+    for t in range(60):  # hovering never terminates: the time limit truncates
+        _, reward, terminated, truncated, info = env.step(np.zeros(2, dtype=np.float32))
+        assert reward == -env.unwrapped.step_cost and not terminated
+        assert truncated == (t == 59)
+    assert info == {"success": False, "drowned": False, "is_success": False, "route": None}
+
+
+def test_registration_is_guarded_against_reimport():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        importlib.reload(lake_envs)
+    assert [str(w.message) for w in caught] == []
+    assert "LakeCrossing-v0" in gym.registry
+
+
+def test_public_attributes():
+    env = LakeCrossingEnv()
+    np.testing.assert_array_equal(env.lake_center, [0.0, 0.0])
+    np.testing.assert_array_equal(env.start, DEFAULT_START)
+    np.testing.assert_array_equal(env.home, [0.0, 1.6])
+    assert (env.lake_radius, env.home_radius, env.max_speed) == (1.0, 0.25, 0.15)
+    assert env.action_space == gym.spaces.Box(-1, 1, (2,), np.float32)
+    assert env.observation_space.shape == (2,) and env.observation_space.dtype == np.float32
+
+
+# ----------------------------------------------------------------------------- dynamics
+
+
+def test_straight_ahead_drowns_within_two_steps():
+    env = LakeCrossingEnv()
+    for seed in range(20):
+        obs, _ = env.reset(seed=seed)
+        assert obs[0] == 0.0 and -1.3 <= obs[1] <= -1.2  # noise only along the axis
+        for _ in range(2):
+            obs, reward, terminated, _, info = env.step(np.array([0.0, 1.0], np.float32))
+            if terminated:
+                break
+        assert info["drowned"] and not info["success"] and terminated, seed
+        assert reward < -env.lake_penalty + 5  # the penalty, a little shaping, the step cost
+
+
+def test_step_moves_by_max_speed_and_clips_actions():
+    env = LakeCrossingEnv()
+    env.reset(options={"start": (2.0, -2.0)})
+    obs, *_ = env.step(np.array([0.5, -0.2], np.float32))
+    np.testing.assert_allclose(obs, [2.0 + 0.15 * 0.5, -2.0 - 0.15 * 0.2], rtol=1e-6)
+    obs, *_ = env.step(np.array([7.0, -3.0], np.float32))  # clipped to (1, -1)
+    np.testing.assert_allclose(obs, [2.225, -2.18], rtol=1e-6)
+    for _ in range(20):  # the arena edge clips the position
+        obs, _, terminated, _, _ = env.step(np.array([1.0, -1.0], np.float32))
+        assert not terminated
+    np.testing.assert_array_equal(obs, [3.0, -3.0])
+    assert env.observation_space.contains(obs)
+    # Lists and float64 arrays are accepted too.
+    env.step([0.0, 0.0])
+    env.step(np.zeros(2))
+
+
+@pytest.mark.parametrize(
+    "action",
+    [
+        np.array([np.nan, 0.0], np.float32),
+        np.array([0.0, np.inf], np.float32),
+        np.zeros(3, np.float32),
+        np.zeros((1, 2), np.float32),
+        np.zeros((2, 1), np.float32),
+        "up",
+    ],
+)
+def test_bad_actions_raise(action):
+    env = LakeCrossingEnv()
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="action"):
+        env.step(action)
+
+
+@pytest.mark.parametrize(
+    ("start", "match"),
+    [
+        ((0.0, -0.5), "inside the lake"),
+        ((0.0, 1.6), "inside home"),
+        ((0.1, 1.5), "inside home"),
+        ((3.5, 0.0), "outside the arena"),
+        ((np.nan, -2.0), "finite"),
+        ((0.0, -2.0, 1.0), "pair"),
+    ],
+)
+def test_bad_starts_raise(start, match):
+    env = LakeCrossingEnv()
+    with pytest.raises(ValueError, match=match):
+        env.reset(options={"start": start})
+
+
+def test_bad_options_and_constructor_arguments_raise():
+    with pytest.raises(ValueError, match="unknown reset options"):
+        LakeCrossingEnv().reset(options={"strat": (0.0, -2.0)})
+    with pytest.raises(ValueError, match="inside the lake"):
+        LakeCrossingEnv(start=(0.0, -0.9))
+    with pytest.raises(ValueError, match="start ± start_noise"):
+        LakeCrossingEnv(start=(0.0, -1.02), start_noise=0.05)
+    with pytest.raises(ValueError, match="overlaps the lake"):
+        LakeCrossingEnv(home=(0.0, 1.1))
+    with pytest.raises(ValueError, match="max_speed"):
+        LakeCrossingEnv(max_speed=0.0)
+    with pytest.raises(ValueError, match="render_mode"):
+        LakeCrossingEnv(render_mode="ansi")
+
+
+def test_exact_start_option():
+    env = LakeCrossingEnv()
+    obs, info = env.reset(seed=3, options={"start": (0.4, -1.5)})
+    np.testing.assert_array_equal(obs, np.array([0.4, -1.5], np.float32))
+    np.testing.assert_array_equal(env.position, [0.4, -1.5])
+    assert info["route"] is None
+
+
+def test_seeded_determinism():
+    rng = np.random.default_rng(0)
+    actions = rng.uniform(-1, 1, size=(200, 2)).astype(np.float32)
+
+    def run(seed):
+        env = LakeCrossingEnv()
+        obs, _ = env.reset(seed=seed)
+        out = [obs]
+        for a in actions:
+            obs, reward, terminated, truncated, info = env.step(a)
+            out.append((obs, reward, terminated, info["route"]))
+            if terminated:
+                out.append(env.reset()[0])
+        return out
+
+    first, second = run(42), run(42)
+    assert len(first) == len(second)
+    for a, b in zip(first, second, strict=True):
+        assert str(a) == str(b)
+    starts = {float(LakeCrossingEnv().reset(seed=s)[0][1]) for s in range(10)}
+    assert len(starts) == 10
+
+
+def test_mirror_symmetry_step_by_step():
+    rng = np.random.default_rng(1)
+    env_a, env_b = LakeCrossingEnv(), LakeCrossingEnv()
+    for trial in range(30):
+        start = np.array([rng.uniform(-1.0, 1.0), rng.uniform(-2.5, -1.3)])
+        obs_a, _ = env_a.reset(options={"start": start})
+        obs_b, _ = env_b.reset(options={"start": mirror(start)})
+        assert np.array_equal(obs_b, mirror(obs_a))
+        # Biased random walks north, so that episodes pass the lake, drown or go home.
+        actions = rng.uniform(-1, 1, size=(80, 2)).astype(np.float32)
+        actions[:, 1] = np.abs(actions[:, 1])
+        for a in actions:
+            obs_a, r_a, term_a, _, info_a = env_a.step(a)
+            obs_b, r_b, term_b, _, info_b = env_b.step(mirror(a))
+            assert r_a == r_b, trial  # exactly, not approximately
+            assert np.array_equal(obs_b, mirror(obs_a))
+            assert term_a == term_b
+            assert (info_a["success"], info_a["drowned"]) == (info_b["success"], info_b["drowned"])
+            swap = {"cw": "ccw", "ccw": "cw", None: None}
+            assert info_b["route"] == swap[info_a["route"]]
+            if term_a:
+                break
+
+
+def test_route_labels():
+    env = LakeCrossingEnv()
+    for side, x_dir in (("ccw", 1.0), ("cw", -1.0)):
+        env.reset(options={"start": DEFAULT_START})
+        routes = []
+        for _ in range(8):  # sideways past the lake's width
+            routes.append(env.step(np.array([x_dir, 0.0], np.float32))[4]["route"])
+        for _ in range(10):  # north to y = +0.25, across the equator y = 0
+            routes.append(env.step(np.array([0.0, 1.0], np.float32))[4]["route"])
+        for _ in range(8):  # back south: the route stays fixed
+            routes.append(env.step(np.array([0.0, -1.0], np.float32))[4]["route"])
+        crossed = routes.index(side)
+        assert routes[:crossed] == [None] * crossed
+        assert routes[crossed:] == [side] * (len(routes) - crossed)
+        assert env.position[1] < 0.0  # it went back south and still has the label
+    # A start north of the equator has no route until the agent crosses it from the south.
+    obs, info = env.reset(options={"start": (1.5, 0.5)})
+    assert env.step(np.zeros(2, np.float32))[4]["route"] is None
+
+
+def test_lake_crossing_label_only_outside_the_lake():
+    env = LakeCrossingEnv()
+    env.reset(options={"start": (0.99, -0.2)})
+    _, _, terminated, _, info = env.step(np.array([-0.2, 1.0], np.float32))
+    assert terminated and info["drowned"] and info["route"] is None
+
+
+# ----------------------------------------------------------------------------- rewards
+
+
+def brute_force_geodesic(p, q, r=1.0, n=1000):
+    """Shortest path p -> polygon vertex -> along the polygon -> vertex -> q around the disk.
+
+    The polygon's edges touch the circle from outside, so every such path is dry and the
+    minimum converges to the geodesic from above as n grows.
+    """
+    p, q = np.asarray(p, float), np.asarray(q, float)
+    big_r = r / math.cos(math.pi / n)
+    ang = 2 * math.pi * np.arange(n) / n
+    verts = big_r * np.stack([np.cos(ang), np.sin(ang)], axis=1)
+    edge = 2 * big_r * math.sin(math.pi / n)
+
+    def clearance(a, b):  # distance from the centre to each segment a -> b
+        ab = b - a
+        t = np.clip(-np.sum(a * ab, axis=-1) / np.maximum(np.sum(ab * ab, axis=-1), 1e-300), 0, 1)
+        return np.linalg.norm(a + t[..., None] * ab, axis=-1)
+
+    if clearance(p[None], q[None])[0] >= r - 1e-12:
+        return float(np.linalg.norm(p - q))
+    cost_p = np.where(
+        clearance(p[None], verts) >= r - 1e-9, np.linalg.norm(verts - p, axis=1), np.inf
+    )
+    cost_q = np.where(
+        clearance(q[None], verts) >= r - 1e-9, np.linalg.norm(verts - q, axis=1), np.inf
+    )
+    gap = np.abs(np.arange(n)[:, None] - np.arange(n)[None, :])
+    along = edge * np.minimum(gap, n - gap)
+    return float(np.min(cost_p[:, None] + along + cost_q[None, :]))
+
+
+def test_geodesic_known_values():
+    # Antipodal points on the shore: half the circumference.
+    assert geodesic_distance((0, -1), (0, 1)) == pytest.approx(math.pi)
+    # (0, -d) to (0, d): two tangents and two quarter-arcs shortened by acos(1/d).
+    d = 2.0
+    expected = 2 * math.sqrt(d * d - 1) + 2 * (math.pi / 2 - math.acos(1 / d))
+    assert geodesic_distance((0, -d), (0, d)) == pytest.approx(expected)
+    # Clear line of sight: the Euclidean distance.
+    assert geodesic_distance((2, -1), (2, 1)) == pytest.approx(2.0)
+    # Translation and scaling of the disk.
+    assert geodesic_distance((5, 3 - 4), (5, 3 + 4), center=(5, 3), radius=2) == pytest.approx(
+        2 * expected
+    )
+    # Default geometry: phi(start) = g(start) - home_radius.
+    env = LakeCrossingEnv()
+    g = geodesic_distance(DEFAULT_START, env.home)
+    assert env.potential(DEFAULT_START) == pytest.approx(g - 0.25)
+    assert g == pytest.approx(
+        0.75 + math.sqrt(1.6**2 - 1) + math.pi - math.acos(1 / 1.25) - math.acos(1 / 1.6)
+    )
+
+
+def test_geodesic_matches_brute_force():
+    rng = np.random.default_rng(0)
+    checked = 0
+    while checked < 25:
+        p, q = rng.uniform(-3, 3, size=(2, 2))
+        if np.linalg.norm(p) < 1.0 or np.linalg.norm(q) < 1.0:
+            continue
+        checked += 1
+        exact = geodesic_distance(p, q)
+        brute = brute_force_geodesic(p, q)
+        assert exact <= brute + 1e-9
+        assert exact == pytest.approx(brute, abs=2e-5), (p, q)
+
+
+def test_potential_properties():
+    env = LakeCrossingEnv()
+    assert env.potential(env.home) == 0.0
+    assert env.potential((0.0, 1.4)) == 0.0  # anywhere inside home
+    assert env.potential((0.0, 1.9)) == pytest.approx(0.05)
+    rng = np.random.default_rng(2)
+    for p in rng.uniform(-3, 3, size=(50, 2)):
+        assert env.potential(p) == env.potential(mirror(p))
+        if np.linalg.norm(p) >= 1.0:  # never shorter than the straight line
+            assert env.potential(p) >= np.linalg.norm(p - env.home) - 0.25 - 1e-12
+    # Inside the lake: the shore point radially outward.
+    assert env.potential((0.0, -0.9)) == env.potential((0.0, -1.0))
+
+
+def test_shaping_is_potential_based():
+    env = LakeCrossingEnv()
+    rng = np.random.default_rng(3)
+    expert = LakeExpert(env, "ccw")
+    outcomes = set()
+    for episode in range(40):
+        start = (rng.uniform(-2, 2), rng.uniform(-2.8, -1.3))
+        env.reset(options={"start": start})
+        total = 0.0
+        for _ in range(60):
+            if episode % 4 == 0:  # some successful episodes too
+                action = expert(env.position.astype(np.float32))
+            else:
+                action = rng.uniform(-1, 1, 2).astype(np.float32)
+                action[1] = abs(action[1])
+            _, reward, terminated, _, info = env.step(action)
+            total += shaping_part(env, reward, info)
+            if terminated:
+                break
+        outcomes.add("success" if info["success"] else "drowned" if info["drowned"] else "time")
+        expected = env.shaping_weight * (env.potential(start) - env.potential(env.position))
+        assert total == pytest.approx(expected, abs=1e-9)
+        if info["success"]:  # every success collects exactly c * phi(start)
+            assert total == pytest.approx(env.shaping_weight * env.potential(start), abs=1e-9)
+    assert outcomes == {"success", "drowned", "time"}
+
+
+# ----------------------------------------------------------------------------- expert
+
+
+@pytest.mark.parametrize("start", [DEFAULT_START, (0.0, -2.5), (0.3, -1.5), (-1.0, -2.0)])
+def test_expert_succeeds_on_both_sides_with_mirrored_returns(start):
+    env = gym.make("LakeCrossing-v0")
+    results = {}
+    for side, s in (("cw", start), ("ccw", mirror(np.asarray(start)))):
+        expert = LakeExpert(env, side=side)
+        (res,) = rollout(env, expert, 1, seed=0, reset_options={"start": s})
+        assert res["success"] and res["route"] == side
+        assert np.all(np.abs(res["actions"]) < 1.0)
+        results[side] = res
+    assert results["cw"]["return"] == results["ccw"]["return"]
+    np.testing.assert_array_equal(
+        results["ccw"]["positions"], results["cw"]["positions"] * np.array([-1.0, 1.0])
+    )
+
+
+def test_expert_is_near_optimal():
+    env = gym.make("LakeCrossing-v0")
+    (res,) = rollout(env, LakeExpert(env, "ccw"), 1, seed=0, reset_options={"start": DEFAULT_START})
+    phi0 = env.unwrapped.potential(DEFAULT_START)
+    fewest_steps = math.ceil(phi0 / 0.15)  # at unit speed along the geodesic
+    assert res["length"] == fewest_steps
+    assert res["return"] == pytest.approx(100 + 20 * phi0 - 1.5 * fewest_steps)
+
+
+def test_averaged_expert_walks_into_the_lake():
+    env = LakeCrossingEnv()
+    cw, ccw = LakeExpert(env, "cw"), LakeExpert(env, "ccw")
+    for y in np.linspace(-1.3, -1.2, 5):
+        (res,) = rollout(env, lambda o: (cw(o) + ccw(o)) / 2, 1, reset_options={"start": (0, y)})
+        assert res["drowned"] and res["length"] <= 5
+
+
+def test_collect_demonstrations():
+    demos = collect_demonstrations(200, seed=0)
+    n = len(demos)
+    assert demos.observations.shape == (n, 2) and demos.observations.dtype == np.float32
+    assert demos.actions.shape == (n, 2) and demos.actions.dtype == np.float32
+    assert np.all(np.abs(demos.actions) < 1.0)
+    np.testing.assert_allclose(np.linalg.norm(demos.actions, axis=1), 0.999, rtol=1e-5)
+    assert demos.episode_success.all()
+    share_ccw = np.mean(demos.episode_routes == "ccw")
+    assert 0.4 <= share_ccw <= 0.6
+    # The expert's side is the route the environment reports.
+    first = np.searchsorted(demos.episode_index, np.arange(200))
+    np.testing.assert_array_equal(demos.routes[first], demos.episode_routes)
+    np.testing.assert_allclose(
+        np.bincount(demos.episode_index, weights=demos.rewards), demos.episode_returns
+    )
+    assert demos.terminated.sum() == 200 and demos.episode_lengths.sum() == n
+    # Bimodal given the state: from starts on the axis, both sides start alike often.
+    on_axis = demos.observations[first]
+    assert np.all(on_axis[:, 0] == 0.0)
+    first_x = demos.actions[first, 0]
+    assert np.all(np.sign(first_x) == np.where(demos.episode_routes == "ccw", 1, -1))
+    # Reproducible.
+    again = collect_demonstrations(5, seed=0)
+    np.testing.assert_array_equal(again.actions, demos.actions[: len(again)])
+
+
+def test_collect_demonstrations_one_side_and_kwargs():
+    demos = collect_demonstrations(4, seed=1, env_kwargs={"start_noise": 0.0}, side="cw")
+    assert set(demos.routes) == {"cw"} and set(demos.episode_routes) == {"cw"}
+    first = np.searchsorted(demos.episode_index, np.arange(4))
+    np.testing.assert_array_equal(demos.observations[first], np.tile(DEFAULT_START, (4, 1)))
+    np.testing.assert_array_equal(demos.episode_returns, demos.episode_returns[0])
+    with pytest.raises(ValueError, match="side"):
+        LakeExpert(LakeCrossingEnv(), side="left")
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def test_rgb_array_frames():
+    env = LakeCrossingEnv(render_mode="rgb_array", render_size=128)
+    env.reset(seed=0)
+    first = env.render()
+    assert first.shape == (128, 128, 3) and first.dtype == np.uint8
+    for _ in range(5):
+        env.step(np.array([1.0, 0.0], np.float32))
+    later = env.render()
+    assert later.shape == (128, 128, 3) and not np.array_equal(first, later)
+    # The lake is drawn blue at the centre pixel.
+    assert later[64, 64, 2] > later[64, 64, 0]
+    env.reset(seed=0)
+    np.testing.assert_array_equal(env.render(), first)  # the trail restarts
+    with pytest.warns(UserWarning, match="render_mode"):
+        assert LakeCrossingEnv().render() is None
+
+
+def test_human_render_and_plotting_with_agg(monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setattr(plt, "pause", lambda interval: None)  # no GUI event loop under Agg
+    env = LakeCrossingEnv(render_mode="human", render_size=64)
+    env.reset(seed=0)
+    env.step(np.zeros(2, np.float32))
+    assert env.render() is None
+    env.close()
+
+    env = gym.make("LakeCrossing-v0")
+    expert = LakeExpert(env, seed=0)
+
+    def policy(obs):
+        return expert(obs)
+
+    results = []
+    for episode in range(4):
+        expert.reset()
+        results += rollout(env, policy, 1, seed=episode)
+    results += rollout(env, lambda o: np.array([0.0, 1.0], np.float32), 1, seed=0)
+    labels = [r["label"] for r in results]
+    assert labels[-1] == "drowned" and set(labels[:-1]) <= {"cw", "ccw"}
+    assert results[0]["positions"].shape == (results[0]["length"] + 1, 2)
+    fig, ax = plt.subplots()
+    draw_lake(ax, env)
+    plot_trajectories(ax, [r["positions"] for r in results], labels)
+    draw_lake(ax, {"lake_center": (0, 0), "lake_radius": 1, "home": (0, 2), "home_radius": 0.2})
+    with pytest.raises(ValueError, match="labels"):
+        plot_trajectories(ax, [results[0]["positions"]], ["left"])
+    plt.close(fig)
+
+
+def test_docstring_example():
+    import doctest
+
+    import flowpolicy.envs.lake as lake_module
+
+    assert doctest.testmod(lake_module).failed == 0
