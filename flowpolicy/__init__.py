@@ -3,8 +3,26 @@
 Importing the package registers the ``LakeCrossing-v0`` Gymnasium environment.
 """
 
-from flowpolicy import bijectors, envs
+from flowpolicy import bijectors, envs, targets
 from flowpolicy.flows import ConditionalFlow, Flow, FlowDistribution
 
-__all__ = ["ConditionalFlow", "Flow", "FlowDistribution", "bijectors", "envs"]
+__all__ = [
+    "ConditionalFlow",
+    "Flow",
+    "FlowDistribution",
+    "bijectors",
+    "density",
+    "envs",
+    "targets",
+]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # density is imported on first use: imported here eagerly, `python -m flowpolicy.density`
+    # would find it in sys.modules already and runpy would warn
+    if name == "density":
+        import importlib
+
+        return importlib.import_module("flowpolicy.density")
+    raise AttributeError(f"module 'flowpolicy' has no attribute {name!r}")
