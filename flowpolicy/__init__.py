@@ -5,11 +5,14 @@ Importing the package registers the ``LakeCrossing-v0`` Gymnasium environment.
 
 from flowpolicy import bijectors, envs, targets
 from flowpolicy.flows import ConditionalFlow, Flow, FlowDistribution
+from flowpolicy.sb3 import FlowActor, FlowPolicy
 
 __all__ = [
     "ConditionalFlow",
     "Flow",
+    "FlowActor",
     "FlowDistribution",
+    "FlowPolicy",
     "bijectors",
     "density",
     "envs",

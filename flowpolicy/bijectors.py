@@ -31,8 +31,22 @@ def _check_finite(name: str, value: Tensor) -> None:
         raise ValueError(f"{name} has non-finite values (NaN or inf)")
 
 
+# Up to this size, products of per-sample matrices are done by broadcast-multiply-and-sum: on
+# CPU, batched matmuls of tiny matrices (one per state) are several times slower.
+_SMALL = 16
+
+
+def _small_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for batches of small matrices, element-wise when the inner size is small."""
+    if a.shape[-1] <= _SMALL:
+        return (a[..., :, :, None] * b[..., None, :, :]).sum(-2)
+    return a @ b
+
+
 def _expand_ladj(ladj: Tensor, x: Tensor) -> Tensor:
     """Broadcast a per-parameter log-det to the batch shape of ``x`` (all but its last dim)."""
+    if ladj.shape == x.shape[:-1]:  # the common case; torch.broadcast_shapes is slow Python
+        return ladj
     return ladj.expand(torch.broadcast_shapes(ladj.shape, x.shape[:-1]))
 
 
@@ -122,6 +136,15 @@ class Affine(Transform):
         if perturb_factor is not None and perturb_diag is not None:
             self.factor = perturb_factor * perturb_diag.sqrt()[..., None, :]
         self._capacitance_tril: Tensor | None = None
+        self._inverse_matrix: Tensor | None = None
+        # S = L (I + F F^T) and log|det S|, formed once per distribution (for all layers at once
+        # when the parameters carry a layer dimension): applying S is one multiply-and-sum
+        self.matrix = scale_tril
+        if self.factor is not None:
+            self.matrix = scale_tril + _small_matmul(
+                _small_matmul(scale_tril, self.factor), self.factor.mT
+            )
+        self._log_det = self._compute_log_det()
 
     @property
     def capacitance_tril(self) -> Tensor:
@@ -135,6 +158,9 @@ class Affine(Transform):
 
     def log_det(self) -> Tensor:
         """log|det S| for each parameter set, shape ``batch``."""
+        return self._log_det
+
+    def _compute_log_det(self) -> Tensor:
         ladj = self.log_diag.sum(-1)
         if self.factor is None:
             return ladj
@@ -149,11 +175,20 @@ class Affine(Transform):
         return ladj + 2 * diag.log().sum(-1)
 
     def _call(self, x: Tensor) -> Tensor:
-        if self.factor is not None:
-            x = x + (self.factor @ (self.factor.mT @ x[..., None]))[..., 0]
-        return (self.scale_tril @ x[..., None])[..., 0] + self.shift
+        if x.shape[-1] <= _SMALL:
+            return (self.matrix * x[..., None, :]).sum(-1) + self.shift
+        return (self.matrix @ x[..., None])[..., 0] + self.shift
 
     def _inverse(self, y: Tensor) -> Tensor:
+        if self.scale_tril.dim() == 2:
+            # one parameter set (a density model): x = (y - b) S^-T for all samples in one
+            # matmul; S^-1 is formed once, and S = L (I + F F^T) is well conditioned by design
+            if self._inverse_matrix is None:
+                self._inverse_matrix = torch.linalg.inv(self.matrix).T
+            y2d = y.reshape(-1, y.shape[-1])
+            return torch.addmm(
+                -self.shift @ self._inverse_matrix, y2d, self._inverse_matrix
+            ).reshape(y.shape)
         z = (y - self.shift)[..., None]
         batch = torch.broadcast_shapes(z.shape[:-2], self.scale_tril.shape[:-2])
         L = self.scale_tril.expand(batch + self.scale_tril.shape[-2:])
@@ -329,71 +364,92 @@ class Spline(Transform):
             if not (math.isfinite(bound) and bound > 0):
                 raise ValueError(f"Spline: bound must be positive and finite, got {bound}")
         self.bound = float(bound)
-        self.knots_x, self.bins_x = self._knots(widths)
-        self.knots_y, self.bins_y = self._knots(heights)
-        ones = torch.ones_like(derivatives[..., :1])
-        inner = self.min_derivative + F.softplus(derivatives)
-        self.derivatives = torch.cat([ones, inner, ones], dim=-1)
-
-    def _knots(self, raw: Tensor) -> tuple[Tensor, Tensor]:
-        K = raw.shape[-1]
-        bins = self.min_bin + (1 - self.min_bin * K) * torch.softmax(raw, dim=-1)
-        knots = F.pad(torch.cumsum(bins, dim=-1), (1, 0))
-        knots = 2 * self.bound * knots - self.bound
-        knots = torch.cat([knots[..., :-1], torch.full_like(knots[..., -1:], self.bound)], -1)
-        return knots, knots[..., 1:] - knots[..., :-1]
+        B, K = self.bound, widths.shape[-1]
+        # Hot path (a policy builds one spline per state and step): few, fused kernels.
+        # Widths and heights are normalized together, and torch.softmax is replaced by its
+        # formula because for a last dimension of ~8 it is several times slower on CPU.
+        if not widths.shape[:-1] == heights.shape[:-1] == derivatives.shape[:-1]:
+            batch = torch.broadcast_shapes(
+                widths.shape[:-1], heights.shape[:-1], derivatives.shape[:-1]
+            )
+            widths, heights = widths.expand(batch + (K,)), heights.expand(batch + (K,))
+            derivatives = derivatives.expand(batch + (K - 1,))
+        raw = torch.stack([widths, heights])
+        e = (raw - raw.detach().amax(-1, keepdim=True)).exp()
+        bins = self.min_bin + (1 - self.min_bin * K) * (e / e.sum(-1, keepdim=True))
+        inner = 2 * B * torch.cumsum(bins[..., :-1], dim=-1) - B
+        knots = F.pad(F.pad(inner, (1, 0), value=-B), (0, 1), value=B)  # ends exactly -B, B
+        self.knots_x, self.knots_y = knots.unbind(0)
+        sizes = knots[..., 1:] - knots[..., :-1]
+        self.bins_x, self.bins_y = sizes.unbind(0)
+        # softplus is several times slower on a strided view (a slice of a parameter vector)
+        inner = self.min_derivative + F.softplus(derivatives.contiguous())
+        self.derivatives = F.pad(inner, (1, 1), value=1.0)
+        # one row per quantity of bin k: x_k, y_k, w_k, h_k, delta_k, delta_k+1, s_k = h_k / w_k,
+        # c_k = delta_k+1 + delta_k - 2 s_k and 2 log s_k, so that one gather finds them all
+        d0, d1 = self.derivatives[..., :-1], self.derivatives[..., 1:]
+        slope = self.bins_y / self.bins_x
+        rows = torch.stack([d0, d1, slope, d1 + d0 - 2 * slope, 2 * slope.log()])
+        parts = [knots[..., :-1], sizes, rows]
+        self._table = torch.cat([part.movedim(0, -2) for part in parts], dim=-2)  # (..., 9, K)
 
     def _bin_params(self, v: Tensor, knots: Tensor) -> tuple[Tensor, ...]:
         """Gather, for each element of ``v``, its bin's knots, sizes and end derivatives."""
-        shape = torch.broadcast_shapes(v.shape, knots.shape[:-1])
-        v = v.expand(shape)
-        inner = knots[..., 1:-1].expand(shape + (knots.shape[-1] - 2,))
-        k = (v[..., None] >= inner).sum(-1, keepdim=True)
-
-        def take(t: Tensor) -> Tensor:
-            return t.expand(shape + t.shape[-1:]).gather(-1, k)[..., 0]
-
-        x_k, w = take(self.knots_x), take(self.bins_x)
-        y_k, h = take(self.knots_y), take(self.bins_y)
-        d0 = take(self.derivatives)
-        d1 = self.derivatives[..., 1:].expand(shape + (self.derivatives.shape[-1] - 1,))
-        d1 = d1.gather(-1, k)[..., 0]
-        return v, x_k, w, y_k, h, d0, d1
+        # broadcast only when needed: torch.broadcast_shapes is slow Python, and every no-op
+        # expand is one more autograd node on the hot path
+        shape, table = v.shape, self._table
+        if shape != knots.shape[:-1]:
+            shape = torch.broadcast_shapes(shape, knots.shape[:-1])
+            v = v.expand(shape)
+            table = table.expand(shape + table.shape[-2:])
+        k = (v[..., None] >= knots[..., 1:-1]).sum(-1, keepdim=True)
+        params = table.gather(-1, k[..., None, :].expand(shape + (table.shape[-2], 1)))
+        x_k, y_k, w, h, d0, d1, s, c, log_s2 = params.squeeze(-1).unbind(-1)
+        return v, x_k, w, y_k, h, d0, d1, s, c, log_s2
 
     @staticmethod
-    def _log_derivative(xi: Tensor, s: Tensor, d0: Tensor, d1: Tensor) -> Tensor:
-        t = xi * (1 - xi)
-        numerator = s.pow(2) * (d1 * xi.pow(2) + 2 * s * t + d0 * (1 - xi).pow(2))
-        denominator = s + (d1 + d0 - 2 * s) * t
-        return numerator.log() - 2 * denominator.log()
+    def _log_derivative(
+        xi: Tensor,
+        xi2: Tensor,
+        t: Tensor,
+        s: Tensor,
+        d0: Tensor,
+        d1: Tensor,
+        log_s2: Tensor,
+        denominator: Tensor,
+    ) -> Tensor:
+        """log dy/dx = 2 log s + log(d1 xi^2 + 2 s t + d0 (1 - xi)^2) - 2 log(s + c t), from
+        xi2 = xi^2, t = xi (1 - xi), log_s2 = 2 log s and the denominator s + c t."""
+        one_minus = 1 - xi
+        inner = torch.addcmul(torch.addcmul(d1 * xi2, s, t, value=2.0), d0, one_minus * one_minus)
+        return (inner.log() + log_s2).sub(denominator.log(), alpha=2.0)
 
     def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
         inside = x.abs() < self.bound
         xc = x.clamp(-self.bound, self.bound)
-        xc, x_k, w, y_k, h, d0, d1 = self._bin_params(xc, self.knots_x)
-        s = h / w
+        xc, x_k, w, y_k, h, d0, d1, s, c, log_s2 = self._bin_params(xc, self.knots_x)
         xi = ((xc - x_k) / w).clamp(0, 1)
-        t = xi * (1 - xi)
-        y_in = y_k + h * (s * xi.pow(2) + d0 * t) / (s + (d1 + d0 - 2 * s) * t)
-        ladj = self._log_derivative(xi, s, d0, d1)
-        x = x.expand(xc.shape)
+        xi2 = xi * xi
+        t = xi - xi2  # xi (1 - xi)
+        denominator = torch.addcmul(s, c, t)  # s + (d1 + d0 - 2 s) t
+        y_in = torch.addcmul(y_k, h, torch.addcmul(d0 * t, s, xi2) / denominator)
+        ladj = self._log_derivative(xi, xi2, t, s, d0, d1, log_s2, denominator)
         return torch.where(inside, y_in, x), torch.where(inside, ladj, 0.0).sum(-1)
 
     def inv_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
         inside = y.abs() < self.bound
         yc = y.clamp(-self.bound, self.bound)
-        yc, x_k, w, y_k, h, d0, d1 = self._bin_params(yc, self.knots_y)
-        s = h / w
+        yc, x_k, w, y_k, h, d0, d1, s, c, log_s2 = self._bin_params(yc, self.knots_y)
         dy = yc - y_k
-        c = d1 + d0 - 2 * s
         a = h * (s - d0) + dy * c
         b = h * d0 - dy * c
         cc = -s * dy
         discriminant = (b.pow(2) - 4 * a * cc).clamp_min(0)
         xi = ((2 * cc) / (-b - discriminant.sqrt())).clamp(0, 1)
-        x_in = x_k + xi * w
-        ladj = self._log_derivative(xi, s, d0, d1)
-        y = y.expand(yc.shape)
+        x_in = torch.addcmul(x_k, xi, w)
+        xi2 = xi * xi
+        t = xi - xi2
+        ladj = self._log_derivative(xi, xi2, t, s, d0, d1, log_s2, torch.addcmul(s, c, t))
         return torch.where(inside, x_in, y), torch.where(inside, ladj, 0.0).sum(-1)
 
     def _call(self, x: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ not only its location, depends on the context.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 
@@ -207,6 +208,24 @@ class _SplineParams(nn.Module):
         return Spline(widths, heights, derivatives, self.bound, validate=False)
 
 
+def _unbind_layers(transform: Transform) -> list[Transform]:
+    """Split a bijector whose parameters carry a leading layer dimension into one per layer.
+
+    Every tensor attribute is unbound along dim 0 (views, one autograd node per attribute).
+    """
+    fields = {k: v.unbind(0) for k, v in vars(transform).items() if isinstance(v, Tensor)}
+    sizes = {len(v) for v in fields.values()}
+    if len(sizes) != 1:
+        raise RuntimeError(f"{type(transform).__name__}: attributes disagree on the layer count")
+    layers = []
+    for i in range(sizes.pop()):
+        layer = copy.copy(transform)
+        for name, values in fields.items():
+            setattr(layer, name, values[i])
+        layers.append(layer)
+    return layers
+
+
 class _FlowParams(nn.Module):
     """The chain's layout: raw parameter vector ``(..., P)`` to a :class:`FlowDistribution`."""
 
@@ -256,7 +275,16 @@ class _FlowParams(nn.Module):
 
     def forward(self, theta: Tensor, validate_args: bool | None) -> FlowDistribution:
         batch = theta.shape[:-1]
-        transforms = [layer(t) for layer, t in zip(self.chain, theta.split(self.sizes, -1))]
+        chunks = theta.split(self.sizes, -1)
+        # All affine layers share one layout, and so do all nonlinear layers: build each kind in
+        # one call with a leading layer dimension and split it, instead of one call per layer
+        # (on CPU the many tiny kernels of per-layer builds dominate a small policy's step).
+        affines = _unbind_layers(self.chain[0](torch.stack(chunks[0::2])))
+        transforms: list[Transform] = [affines[0]]
+        if len(self.chain) > 1:
+            nonlinear = _unbind_layers(self.chain[1](torch.stack(chunks[1::2])))
+            for g, affine in zip(nonlinear, affines[1:]):
+                transforms += [g, affine]
         if self.squash:
             transforms.append(Tanh())
         shape = batch + (self.dim,)

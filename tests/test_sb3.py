@@ -1,0 +1,340 @@
+"""Tests of the SB3 integration: ``SAC(FlowPolicy, env)`` learns, saves, loads and stays exact.
+
+Tiny real ``learn()`` runs, plus checks of the action distribution: it integrates to one over the
+action square, ``action_log_prob`` agrees with ``action_distribution(obs).log_prob``, actions stay
+in bounds for extreme observations, and the deterministic action is a dense one.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+from stable_baselines3 import SAC
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.logger import KVWriter, Logger
+from stable_baselines3.common.vec_env import VecNormalize
+
+import flowpolicy
+from flowpolicy import FlowActor, FlowPolicy
+from flowpolicy.sb3 import _select_mode
+
+torch.set_num_threads(1)
+
+NONLINEARITIES = ["prelu", "spline"]
+OBS_SPACE = spaces.Box(-1.0, 1.0, (3,), dtype=np.float32)
+ACTION_SPACE_2D = spaces.Box(-1.0, 1.0, (2,), dtype=np.float32)
+
+
+def constant_lr(_: float) -> float:
+    return 1e-3
+
+
+class Capture(KVWriter):
+    """An SB3 logger output that keeps every dumped record in memory."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def write(self, key_values, key_excluded, step=0) -> None:
+        self.records.append(dict(key_values))
+
+
+def make_policy(nonlinearity: str = "prelu", action_space=ACTION_SPACE_2D, **kwargs) -> FlowPolicy:
+    return FlowPolicy(OBS_SPACE, action_space, constant_lr, nonlinearity=nonlinearity, **kwargs)
+
+
+def random_obs(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return 2 * torch.rand(n, 3, generator=g) - 1
+
+
+# --- real learning runs ---------------------------------------------------------------------
+
+
+def test_sac_learns_pendulum_and_logs_entropy():
+    model = SAC(FlowPolicy, "Pendulum-v1", learning_starts=100, batch_size=64, seed=0)
+    assert isinstance(model.actor, FlowActor)
+    capture = Capture()
+    model.set_logger(Logger(folder=None, output_formats=[capture]))
+    before = [p.detach().clone() for p in model.actor.parameters()]
+    model.learn(300, log_interval=1)
+
+    assert model._n_updates > 0
+    changed = [not torch.equal(a, b) for a, b in zip(before, model.actor.parameters())]
+    assert all(changed), "every actor parameter (latent MLP and flow head) is trained"
+    logged = [r for r in capture.records if "train/entropy" in r]
+    assert logged, f"train/entropy was never logged; keys: {capture.records[-1].keys()}"
+    for record in logged:
+        assert math.isfinite(record["train/entropy"]) and math.isfinite(record["train/ent_coef"])
+        assert math.isfinite(record["train/actor_loss"])
+        assert math.isfinite(record["train/critic_loss"])
+    # the logged value is -mean log pi of training batches: compare with a fresh estimate
+    obs = torch.as_tensor(model.replay_buffer.observations[:256, 0])
+    with torch.no_grad():
+        _, log_prob = model.actor.action_log_prob(obs)
+    assert abs(logged[-1]["train/entropy"] + log_prob.mean().item()) < 1.0
+
+    obs = model.env.reset()
+    for deterministic in (False, True):
+        action, _ = model.predict(obs, deterministic=deterministic)
+        assert action.shape == (1, 1) and np.all(np.abs(action) <= 2.0)
+
+
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+def test_sac_with_several_envs_and_vecnormalize(nonlinearity):
+    env = VecNormalize(make_vec_env("LakeCrossing-v0", n_envs=2, seed=0))
+    model = SAC(
+        FlowPolicy,
+        env,
+        learning_starts=40,
+        batch_size=32,
+        train_freq=2,
+        gradient_steps=2,
+        policy_kwargs=dict(nonlinearity=nonlinearity, net_arch=[32, 32], flow_layers=2),
+        seed=1,
+    )
+    model.learn(120)
+    assert model._n_updates > 0
+    obs = env.reset()
+    actions, _ = model.predict(obs, deterministic=True)
+    assert actions.shape == (2, 2) and np.all(np.abs(actions) <= 1.0)
+    assert np.array_equal(actions, model.predict(obs, deterministic=True)[0])
+
+
+# --- saving and loading ---------------------------------------------------------------------
+
+CUSTOM = dict(
+    flow_layers=2,
+    rank=2,
+    nonlinearity="spline",
+    bins=5,
+    bound=3.0,
+    init_strength=0.5,
+    head_scale=0.1,
+    mode_samples=32,
+    mode_bandwidth=0.8,
+    net_arch=[16, 16],
+)
+
+
+def assert_same_policy(a: FlowPolicy, b: FlowPolicy) -> None:
+    obs = torch.as_tensor(np.stack([a.observation_space.sample() for _ in range(16)]))
+    with torch.no_grad():
+        np.testing.assert_array_equal(a.actor(obs, deterministic=True), b.actor(obs, True))
+        actions = a.actor.action_distribution(obs).sample()
+        np.testing.assert_array_equal(
+            a.actor.action_distribution(obs).log_prob(actions),
+            b.actor.action_distribution(obs).log_prob(actions),
+        )
+    np.testing.assert_array_equal(a.actor.mode_noise, b.actor.mode_noise)
+    for key, value in CUSTOM.items():
+        assert getattr(b.actor, key, b.net_arch) == value
+
+
+def test_sac_save_load_round_trip(tmp_path):
+    model = SAC(FlowPolicy, "LakeCrossing-v0", policy_kwargs=CUSTOM, learning_starts=20, seed=0)
+    model.learn(40)
+    model.save(tmp_path / "model.zip")
+    loaded = SAC.load(tmp_path / "model.zip")
+    assert type(loaded.policy) is FlowPolicy
+    assert_same_policy(model.policy, loaded.policy)
+    obs = model.env.reset()
+    np.testing.assert_array_equal(
+        model.predict(obs, deterministic=True)[0], loaded.predict(obs, deterministic=True)[0]
+    )
+
+
+def test_policy_save_load_round_trip(tmp_path):
+    policy = FlowPolicy(OBS_SPACE, ACTION_SPACE_2D, constant_lr, **CUSTOM)
+    policy.save(str(tmp_path / "policy.pt"))
+    loaded = FlowPolicy.load(str(tmp_path / "policy.pt"))
+    assert_same_policy(policy, loaded)
+    assert loaded._get_constructor_parameters() == policy._get_constructor_parameters()
+
+
+# --- the action distribution ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+def test_action_density_integrates_to_one(nonlinearity):
+    torch.manual_seed(0)
+    policy = make_policy(nonlinearity, head_scale=0.5)  # strongly state-dependent
+    actor = policy.actor
+    obs = random_obs(3, seed=1)
+    with torch.no_grad():
+        latent = actor.latent_pi(actor.extract_features(obs, actor.features_extractor))
+        theta = actor.flow.hyper(latent).double()
+    layout = copy.deepcopy(actor.flow.layout).double()
+    # int p(a) da over [-1, 1]^2 = int p(tanh u) |det J_tanh(u)| du over the pre-tanh plane, in
+    # float64, on an atanh-spaced grid of actions: u = sinh(s), fine near 0 and up to |u| = 15
+    s = torch.linspace(-math.asinh(15.0), math.asinh(15.0), 401, dtype=torch.float64)
+    u, du = torch.sinh(s), torch.cosh(s) * (s[1] - s[0])
+    grid = torch.stack(torch.meshgrid(u, u, indexing="ij"), -1).reshape(-1, 1, 2)
+    weight = (du[:, None] * du[None, :]).reshape(-1, 1)
+    log_jacobian = (2 * (math.log(2) - grid - torch.nn.functional.softplus(-2 * grid))).sum(-1)
+    with torch.no_grad():
+        log_prob = layout(theta, False).log_prob(torch.tanh(grid))  # (401 * 401, 3)
+    mass = ((log_prob + log_jacobian).exp() * weight).sum(0)
+    np.testing.assert_allclose(mass.numpy(), 1.0, atol=2e-3)
+
+
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+def test_action_log_prob_agrees_with_action_distribution(nonlinearity):
+    actor = make_policy(nonlinearity).actor
+    obs = random_obs(256)
+    actions, log_prob = actor.action_log_prob(obs)
+    assert actions.shape == (256, 2) and log_prob.shape == (256,)
+    assert actions.requires_grad and log_prob.requires_grad  # reparameterized
+    assert torch.all(actions.abs() <= 1)
+    with torch.no_grad():
+        again = actor.action_distribution(obs).log_prob(actions)
+    # float32 inverses through tanh: compare where the action is not within 1e-3 of the boundary
+    inside = (actions.abs() < 0.999).all(-1)
+    assert inside.float().mean() > 0.8
+    torch.testing.assert_close(again[inside], log_prob.detach()[inside], rtol=1e-4, atol=2e-3)
+
+
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+def test_extreme_observations_give_finite_actions_in_bounds(nonlinearity):
+    actor = make_policy(nonlinearity).actor
+    obs = torch.tensor([[1e6] * 3, [-1e6] * 3, [1e6, -1e6, 1e6], [0.0, 0.0, 0.0]])
+    actions, log_prob = actor.action_log_prob(obs)
+    (actions.sum() + log_prob.sum()).backward()
+    for a in (actions, actor(obs), actor(obs, deterministic=True)):
+        assert torch.isfinite(a).all() and torch.all(a.abs() <= 1)
+    assert torch.isfinite(log_prob).all()
+    assert all(torch.isfinite(p.grad).all() for p in actor.parameters() if p.grad is not None)
+
+
+# --- the deterministic action -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+def test_deterministic_action_is_repeatable_and_dense(nonlinearity):
+    actor = make_policy(nonlinearity, head_scale=1.0).actor
+    obs = random_obs(64, seed=2)
+    with torch.no_grad():
+        det = actor(obs, deterministic=True)
+        assert torch.equal(det, actor(obs, deterministic=True))
+        # per state: the same with another batch (up to the float rounding of batched matmuls)
+        torch.testing.assert_close(det[:5], actor(obs[:5], deterministic=True))
+        dist = actor.action_distribution(obs)
+        median = dist.log_prob(dist.sample((512,))).median(0).values
+        assert torch.all(dist.log_prob(det) >= median)
+
+
+def test_deterministic_action_of_a_bimodal_policy_is_in_a_mode():
+    """Fit the actor to two action clusters (the lake's start state): its deterministic action
+    must lie in a cluster, not in the empty gap between them."""
+    torch.manual_seed(0)
+    actor = make_policy("spline", net_arch=[32, 32]).actor
+    optimizer = torch.optim.Adam(actor.parameters(), lr=3e-3)
+    obs = torch.zeros(256, 3)
+    for _ in range(200):
+        side = 2.0 * torch.randint(0, 2, (256,)) - 1
+        target = torch.stack([0.5 * side, torch.full_like(side, 0.5)], -1)
+        target = target + 0.05 * torch.randn(256, 2)
+        loss = -actor.action_distribution(obs).log_prob(target).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        dist = actor.action_distribution(obs[:1])
+        det = actor(obs[:1], deterministic=True)[0]
+        gap = torch.tensor([0.0, 0.5])
+        assert dist.log_prob(gap) < dist.log_prob(det) - 3.0  # the fit is bimodal
+        assert 0.35 < det[0].abs() < 0.65 and 0.35 < det[1] < 0.65
+        samples = dist.sample((2000,))
+        assert dist.log_prob(det) >= dist.log_prob(samples).quantile(0.75)
+
+
+def test_mode_selection_avoids_a_thin_ridge():
+    """Two broad modes plus a thin, dense central ridge holding 10% of the mass (DESIGN.md §3):
+    best-of-K by density picks the ridge; the mass-aware selection does not."""
+    g = torch.Generator().manual_seed(0)
+    weights = torch.tensor([0.45, 0.45, 0.10])
+    means = torch.tensor([[-0.5, 0.3], [0.5, 0.3], [0.0, 0.2]])
+    stds = torch.tensor([[0.15, 0.15], [0.15, 0.15], [0.004, 0.5]])
+    K, n = 64, 500
+    component = torch.multinomial(weights, K * n, replacement=True, generator=g).view(K, n)
+    x = means[component] + stds[component] * torch.randn(K, n, 2, generator=g)
+    components = torch.distributions.Normal(means, stds)
+    log_prob = (components.log_prob(x[..., None, :]).sum(-1) + weights.log()).logsumexp(-1)
+
+    best_by_density = x.gather(0, log_prob.argmax(0)[None, :, None].expand(1, n, 2))[0]
+    assert (best_by_density[:, 0].abs() < 0.2).float().mean() > 0.5  # the failure it avoids
+    chosen = _select_mode(x, log_prob)
+    assert (chosen[:, 0].abs() < 0.2).float().mean() < 0.01
+    assert (chosen[:, 0].abs() - 0.5).abs().max() < 0.35
+
+
+# --- refusals ------------------------------------------------------------------------------
+
+
+def test_refuses_gsde():
+    with pytest.raises(ValueError, match="use_sde"):
+        SAC(FlowPolicy, "Pendulum-v1", use_sde=True)
+
+
+@pytest.mark.parametrize(
+    "action_space",
+    [
+        spaces.Discrete(3),
+        spaces.MultiDiscrete([2, 3]),
+        spaces.Box(-np.inf, np.inf, (2,), dtype=np.float32),
+    ],
+)
+def test_refuses_action_spaces_a_flow_cannot_squash(action_space):
+    with pytest.raises(ValueError, match="action space"):
+        FlowPolicy(OBS_SPACE, action_space, constant_lr)
+
+
+@pytest.mark.parametrize(
+    "observation_space",
+    [
+        spaces.Tuple([OBS_SPACE, OBS_SPACE]),
+        spaces.Dict({"a": OBS_SPACE}),
+        spaces.Text(5),
+        spaces.Box(-1.0, 1.0, (), dtype=np.float32),
+    ],
+)
+def test_refuses_observation_spaces_the_mlp_cannot_take(observation_space):
+    with pytest.raises(ValueError, match="FlowPolicy"):
+        FlowPolicy(observation_space, ACTION_SPACE_2D, constant_lr)
+
+
+@pytest.mark.parametrize("kwargs", [dict(rank=3), dict(nonlinearity="relu"), dict(mode_samples=1)])
+def test_refuses_bad_flow_settings(kwargs):
+    with pytest.raises(ValueError):
+        make_policy(**kwargs)
+
+
+def test_other_observation_spaces_work():
+    """Spaces SB3's preprocessing flattens (one-hot for discrete ones) are accepted."""
+    for observation_space in (spaces.Discrete(4), spaces.MultiBinary(3)):
+        policy = FlowPolicy(observation_space, ACTION_SPACE_2D, constant_lr)
+        action, _ = policy.predict(observation_space.sample(), deterministic=True)
+        assert action.shape == (2,)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda(tmp_path):
+    model = SAC(FlowPolicy, "Pendulum-v1", learning_starts=50, batch_size=64, device="cuda")
+    model.learn(100)
+    assert model.actor.mode_noise.is_cuda
+    obs = model.env.reset()
+    action, _ = model.predict(obs, deterministic=True)
+    model.save(tmp_path / "model.zip")
+    loaded = SAC.load(tmp_path / "model.zip", device="cuda")
+    np.testing.assert_array_equal(action, loaded.predict(obs, deterministic=True)[0])
+
+
+def test_package_exports():
+    assert flowpolicy.FlowPolicy is FlowPolicy and "FlowPolicy" in flowpolicy.__all__
+    assert gym.spec("LakeCrossing-v0") is not None
