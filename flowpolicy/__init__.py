@@ -3,7 +3,7 @@
 Importing the package registers the ``LakeCrossing-v0`` Gymnasium environment.
 """
 
-from flowpolicy import bijectors, envs, targets
+from flowpolicy import bijectors, diagnostics, envs, targets
 from flowpolicy.flows import ConditionalFlow, Flow, FlowDistribution
 from flowpolicy.sb3 import FlowActor, FlowPolicy
 
@@ -15,6 +15,7 @@ __all__ = [
     "FlowPolicy",
     "bijectors",
     "density",
+    "diagnostics",
     "envs",
     "targets",
 ]
