@@ -137,14 +137,19 @@ class Affine(Transform):
             self.factor = perturb_factor * perturb_diag.sqrt()[..., None, :]
         self._capacitance_tril: Tensor | None = None
         self._inverse_matrix: Tensor | None = None
-        # S = L (I + F F^T) and log|det S|, formed once per distribution (for all layers at once
-        # when the parameters carry a layer dimension): applying S is one multiply-and-sum
-        self.matrix = scale_tril
-        if self.factor is not None:
-            self.matrix = scale_tril + _small_matmul(
-                _small_matmul(scale_tril, self.factor), self.factor.mT
-            )
+        self._matrix: Tensor | None = None
         self._log_det = self._compute_log_det()
+
+    @property
+    def matrix(self) -> Tensor:
+        """The dense scale S = L (I + F F^T), formed on first use: applying it is then one
+        multiply-and-sum. The log-det never needs it (determinant lemma)."""
+        if self._matrix is None:
+            self._matrix = self.scale_tril
+            if self.factor is not None:
+                LF = _small_matmul(self.scale_tril, self.factor)
+                self._matrix = self.scale_tril + _small_matmul(LF, self.factor.mT)
+        return self._matrix
 
     @property
     def capacitance_tril(self) -> Tensor:

@@ -279,7 +279,9 @@ class _FlowParams(nn.Module):
         # All affine layers share one layout, and so do all nonlinear layers: build each kind in
         # one call with a leading layer dimension and split it, instead of one call per layer
         # (on CPU the many tiny kernels of per-layer builds dominate a small policy's step).
-        affines = _unbind_layers(self.chain[0](torch.stack(chunks[0::2])))
+        stacked = self.chain[0](torch.stack(chunks[0::2]))
+        _ = stacked.matrix  # form every layer's dense S in one call, before splitting the layers
+        affines = _unbind_layers(stacked)
         transforms: list[Transform] = [affines[0]]
         if len(self.chain) > 1:
             nonlinear = _unbind_layers(self.chain[1](torch.stack(chunks[1::2])))
