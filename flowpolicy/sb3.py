@@ -42,7 +42,7 @@ from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from stable_baselines3.sac.policies import SACPolicy
 from torch import Tensor, nn
 
-from flowpolicy.flows import NONLINEARITIES, ConditionalFlow, FlowDistribution
+from flowpolicy.flows import ConditionalFlow, FlowDistribution
 
 __all__ = ["FlowActor", "FlowPolicy"]
 
@@ -428,13 +428,7 @@ class FlowPolicy(SACPolicy):
                 "flow explores through its own base noise); use SAC(..., use_sde=False)"
             )
         _check_spaces(observation_space, action_space, features_extractor_class)
-        if nonlinearity not in NONLINEARITIES:
-            raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}, got {nonlinearity!r}")
-        action_dim = get_action_dim(action_space)
-        if not isinstance(rank, int) or not 0 <= rank <= action_dim:
-            raise ValueError(
-                f"rank must be an integer in [0, action dim = {action_dim}], got {rank!r}"
-            )
+        # flow settings (rank, nonlinearity, ...) are checked by ConditionalFlow in make_actor
         self.flow_kwargs = dict(
             flow_layers=flow_layers,
             rank=rank,
