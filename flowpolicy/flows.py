@@ -169,7 +169,7 @@ class _AffineParams(nn.Module):
         tril_diag = F.softplus(tril[..., :d] + self.diag_offset) + self.eps
         L = (torch.cat([tril_diag, tril[..., d:]], -1) @ self.scatter).unflatten(-1, (d, d))
         V = factor.unflatten(-1, (d, r)) if r > 0 else None
-        return Affine(shift, L, V, validate=False)
+        return Affine(shift, L, V, validate=False, log_diag=tril_diag.log())
 
 
 class _PReLUParams(nn.Module):
@@ -211,9 +211,14 @@ class _SplineParams(nn.Module):
 def _unbind_layers(transform: Transform) -> list[Transform]:
     """Split a bijector whose parameters carry a leading layer dimension into one per layer.
 
-    Every tensor attribute is unbound along dim 0 (views, one autograd node per attribute).
+    Every tensor attribute is unbound along its first batch dim: dim 0, or the dim a bijector
+    names in ``_batch_dim`` for attributes with leading non-batch dims (views, one autograd
+    node per attribute).
     """
-    fields = {k: v.unbind(0) for k, v in vars(transform).items() if isinstance(v, Tensor)}
+    dims = getattr(transform, "_batch_dim", {})
+    fields = {
+        k: v.unbind(dims.get(k, 0)) for k, v in vars(transform).items() if isinstance(v, Tensor)
+    }
     sizes = {len(v) for v in fields.values()}
     if len(sizes) != 1:
         raise RuntimeError(f"{type(transform).__name__}: attributes disagree on the layer count")
@@ -279,9 +284,7 @@ class _FlowParams(nn.Module):
         # All affine layers share one layout, and so do all nonlinear layers: build each kind in
         # one call with a leading layer dimension and split it, instead of one call per layer
         # (on CPU the many tiny kernels of per-layer builds dominate a small policy's step).
-        stacked = self.chain[0](torch.stack(chunks[0::2]))
-        _ = stacked.matrix  # form every layer's dense S in one call, before splitting the layers
-        affines = _unbind_layers(stacked)
+        affines = _unbind_layers(self.chain[0](torch.stack(chunks[0::2])))
         transforms: list[Transform] = [affines[0]]
         if len(self.chain) > 1:
             nonlinear = _unbind_layers(self.chain[1](torch.stack(chunks[1::2])))
