@@ -113,6 +113,23 @@ def test_batched_parameters_broadcast(name, g):
     torch.testing.assert_close(inv_and_ladj(f, y)[0], x, rtol=1e-8, atol=1e-8)
 
 
+@pytest.mark.parametrize("d,r", [(3, 0), (6, 2), (17, 5)])
+def test_affine_one_sample_per_parameter_set(d, r, g):
+    """A policy's step (one sample per state) applies L (x + F F^T x) without forming S; it must
+    agree with the dense S = L (I + V D V^T) and with one parameter set at a time."""
+    B = 7
+    params = affine_params(d, r, (B,), g)
+    x = inputs(d, B, g)
+    y, ladj = Affine(*params).call_and_ladj(x)
+    dense = Affine(*params)
+    torch.testing.assert_close(y, (dense.matrix @ x[..., None])[..., 0] + params[0])
+    torch.testing.assert_close(dense(x), y)  # S already formed: the broadcasting path
+    for b in range(B):
+        yb, lb = Affine(*(p[b] for p in params)).call_and_ladj(x[b : b + 1])
+        torch.testing.assert_close(y[b : b + 1], yb)
+        torch.testing.assert_close(ladj[b], lb[0])
+
+
 def test_works_inside_torch_transformed_distribution(g):
     """The bijectors are plain torch Transforms: torch's own machinery gives the same density."""
     d = 3
