@@ -389,7 +389,8 @@ class Spline(Transform):
         e = (raw - raw.detach().amax(-1, keepdim=True)).exp()
         bins = self.min_bin + (1 - self.min_bin * K) * (e / e.sum(-1, keepdim=True))
         inner = 2 * B * torch.cumsum(bins[..., :-1], dim=-1) - B
-        knots = F.pad(F.pad(inner, (1, 0), value=-B), (0, 1), value=B)  # ends exactly -B, B
+        knots = F.pad(inner, (1, 1), value=B)
+        knots[..., 0] = -B  # ends exactly -B and B
         self.knots_x, self.knots_y = knots.unbind(0)
         sizes = knots[..., 1:] - knots[..., :-1]
         self.bins_x, self.bins_y = sizes.unbind(0)
@@ -440,7 +441,8 @@ class Spline(Transform):
         return (inner.log() + log_s2).sub(denominator.log(), alpha=2.0)
 
     def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        inside = x.abs() < self.bound
+        # Outside [-B, B] the clamped input sits on an end knot, where xi is exactly 0 or 1 and
+        # the derivative exactly 1 (log 0), so the tails need no masks: y = spline(xc) + (x - xc)
         xc = x.clamp(-self.bound, self.bound)
         xc, x_k, w, y_k, h, d0, d1, s, c, log_s2 = self._bin_params(xc, self.knots_x)
         xi = ((xc - x_k) / w).clamp(0, 1)
@@ -449,7 +451,7 @@ class Spline(Transform):
         denominator = torch.addcmul(s, c, t)  # s + (d1 + d0 - 2 s) t
         y_in = torch.addcmul(y_k, h, torch.addcmul(d0 * t, s, xi2) / denominator)
         ladj = self._log_derivative(xi, xi2, t, s, d0, d1, log_s2, denominator)
-        return torch.where(inside, y_in, x), torch.where(inside, ladj, 0.0).sum(-1)
+        return y_in + (x - xc), ladj.sum(-1)
 
     def inv_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
         inside = y.abs() < self.bound
