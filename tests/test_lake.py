@@ -48,7 +48,8 @@ def test_gymnasium_check_env(render_mode):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         check_env(env.unwrapped)
-    assert [str(w.message) for w in caught] == []
+    # ResourceWarnings come from garbage collected elsewhere (files left by earlier tests)
+    assert [str(w.message) for w in caught if w.category is not ResourceWarning] == []
 
 
 def test_sb3_check_env():
@@ -58,7 +59,7 @@ def test_sb3_check_env():
         warnings.simplefilter("always")
         check_env(LakeCrossingEnv())
         check_env(gym.make("LakeCrossing-v0"))
-    assert [str(w.message) for w in caught] == []
+    assert [str(w.message) for w in caught if w.category is not ResourceWarning] == []
 
 
 def test_make_registration_and_time_limit():
