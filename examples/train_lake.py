@@ -98,6 +98,8 @@ class Args:
     """steps at the start of a forced episode whose lateral action is restricted to its side"""
     mirror: bool = False
     """store the mirror image of every transition too (uses the task's symmetry)"""
+    symmetric_critic: bool = False
+    """make every Q mirror-symmetric by construction: Q(s, a) = [Q(s, a) + Q(Ms, Ma)] / 2"""
     learning_rate: float = 1e-3
     """Adam learning rate of actor, critics and alpha"""
     actor_lr_ratio: float = 1.0
@@ -236,6 +238,25 @@ class RouteExplorationSAC(SAC):
             chosen = samples[ok[0]] if len(ok) else samples[0] * np.array([-1.0, 1.0])
             buffer_action = chosen[None].astype(np.float32)
         return self.policy.unscale_action(buffer_action), buffer_action
+
+
+def symmetrize_critic(critic: torch.nn.Module, axis_x: float) -> None:
+    """Replace ``critic.forward`` by its mirror average, Q(s, a) = [Q(s, a) + Q(Ms, Ma)] / 2.
+
+    M reflects the position about the vertical line ``x = axis_x`` and the lateral action. At a
+    state on that line (the start), every action and its mirror image get exactly the same value:
+    the critic's Delta Q between the routes is zero by construction, not by fitting.
+    """
+    forward = critic.forward
+
+    def symmetric(obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        mirror_obs, mirror_actions = obs.clone(), actions.clone()
+        mirror_obs[..., 0] = 2 * axis_x - obs[..., 0]
+        mirror_actions[..., 0] = -actions[..., 0]
+        both = forward(torch.cat([obs, mirror_obs]), torch.cat([actions, mirror_actions]))
+        return tuple(0.5 * (q[: len(obs)] + q[len(obs) :]) for q in both)
+
+    critic.forward = symmetric
 
 
 class AlphaWarmup(BaseCallback):
@@ -378,6 +399,9 @@ def make_model(kind: str, args: Args, env: gym.Env) -> RouteExplorationSAC:
         args.explore_episodes, args.explore_fraction, args.explore_steps, args.seed + 7
     )
     model.actor_lr_ratio, model.alpha_min = args.actor_lr_ratio, args.alpha_min
+    if args.symmetric_critic:
+        for critic in (model.critic, model.critic_target):
+            symmetrize_critic(critic, float(env.unwrapped.lake_center[0]))
     return model
 
 

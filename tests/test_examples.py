@@ -73,7 +73,7 @@ def test_train_lake_saves_loadable_models(tmp_path):
 
     import flowpolicy
 
-    summary = run_example("train_lake.py", tmp_path, "--mirror")
+    summary = run_example("train_lake.py", tmp_path, "--mirror", "--symmetric-critic")
     for name in ("rollouts.png", "densities.png", "learning_curves.png"):
         assert (tmp_path / name).stat().st_size > 0
     for kind in ("flow", "gaussian"):
@@ -83,4 +83,7 @@ def test_train_lake_saves_loadable_models(tmp_path):
         action, _ = model.predict([0.0, -1.25], deterministic=True)
         assert action.shape == (2,) and abs(action).max() <= 1.0
         assert summary["curves"][kind], "the learning-curve callback recorded nothing"
+        # a mirror-symmetrized critic values mirrored actions at the start alike (up to the
+        # rounding of matmuls over differently ordered batches)
+        assert max(map(abs, summary[kind]["dq_over_alpha_start"])) < 1e-4
     assert all_finite(summary)
