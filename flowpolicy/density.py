@@ -365,11 +365,8 @@ class _PReLUChainLogProb:
     def supports(flow: Flow) -> bool:
         return flow.config.get("nonlinearity") == "prelu" and not flow.config.get("squash")
 
-    def __call__(
-        self, theta: Tensor, x: Tensor, hidden: bool = False, bandwidth: float = 0.0
-    ) -> Tensor:
-        """``log q(x)``; with ``hidden``, also the PReLU layers' inputs of the inverse pass,
-        shape ``(K, d, N)`` (differentiable: a penalty on them trains the flow too)."""
+    def __call__(self, theta: Tensor, x: Tensor, bandwidth: float = 0.0) -> Tensor:
+        """``log q(x)``; ``bandwidth`` > 0 adds the kinks' boundary term to the gradient."""
         affine = self.affine(theta[self.affine_index])  # one Affine, batch of K + 1 layers
         inverse = torch.linalg.inv(affine.matrix)  # (K + 1, d, d): x_k = S_k^-1 (y - b_k)
         offset = -(inverse @ affine.shift[..., None])[..., 0]
@@ -377,9 +374,8 @@ class _PReLUChainLogProb:
             log_alpha = self.prelu(theta[self.prelu_index]).log_alpha  # (K, d)
         else:
             log_alpha = theta.new_zeros(0, self.dim)
-        inner, pre = _ChainInverse.apply(inverse, offset, log_alpha, x, bandwidth)
-        log_q = inner - (0.5 * self.dim * math.log(2 * math.pi) + affine.log_det().sum())
-        return (log_q, pre[1:]) if hidden else log_q
+        inner = _ChainInverse.apply(inverse, offset, log_alpha, x, bandwidth)
+        return inner - (0.5 * self.dim * math.log(2 * math.pi) + affine.log_det().sum())
 
 
 class _ChainInverse(torch.autograd.Function):
@@ -392,8 +388,7 @@ class _ChainInverse(torch.autograd.Function):
     .. math:: u_k = W_k h_{k+1} + c_k, \qquad h_k = \mathrm{prelu}(u_k, 1/\alpha_k)
               \quad (k = K, \dots, 1), \qquad z = W_0 h_1 + c_0,
 
-    and returns, per sample, :math:`-\frac12|z|^2 - \sum_k [u_k < 0] \cdot \log\alpha_k`, and the
-    buffer :math:`(z, u_1, \dots, u_K)` of shape ``(K + 1, d, N)``.
+    and returns, per sample, :math:`-\frac12|z|^2 - \sum_k [u_k < 0] \cdot \log\alpha_k`.
     The samples lie along the last (contiguous) axis and every :math:`u_k` is kept in one
     buffer, so the backward pass is one ``mm`` and one ``mul`` per layer plus a few batched
     operations, instead of autograd's graph of about ten tiny nodes per layer.
@@ -402,7 +397,7 @@ class _ChainInverse(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, weight: Tensor, offset: Tensor, log_alpha: Tensor, x: Tensor, bandwidth: float = 0.0
-    ) -> tuple[Tensor, Tensor]:
+    ) -> Tensor:
         layers, d, n = len(log_alpha), x.shape[-1], len(x)
         inv_alpha = (-log_alpha).exp()
         pre = x.new_empty(layers + 1, d, n)  # pre[k] = u_k, pre[0] = z
@@ -419,29 +414,23 @@ class _ChainInverse(torch.autograd.Function):
             out = out - (log_alpha.reshape(1, -1) @ negative.view(-1, n))[0]
         ctx.save_for_backward(weight, log_alpha, inv_alpha, pre, negative, x)
         ctx.bandwidth = bandwidth
-        return out, pre
+        return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor, grad_pre_direct: Tensor | None):
+    def backward(ctx, grad: Tensor):
         weight, log_alpha, inv_alpha, pre, negative, x = ctx.saved_tensors
         layers = len(inv_alpha)
         hidden = pre[1:]
         grad_pre = torch.empty_like(pre)  # d out / d u_k (d out / d z in row 0)
         torch.mul(pre[0], -grad, out=grad_pre[0])
         direct = None
-        if grad_pre_direct is not None:  # a loss on the pre-activations themselves
-            grad_pre[0] += grad_pre_direct[0]
-            direct = grad_pre_direct[1:]
         if ctx.bandwidth and layers:
             # the kinks' boundary term: a sample crossing u_k = 0 changes its log-det by
             # log alpha_k, so d E[[u_k < 0]] / d u = -(density of u_k at 0), estimated with a
             # Gaussian kernel of width bandwidth * std(u_k) (the pathwise gradient misses it)
             width = ctx.bandwidth * hidden.std(-1, keepdim=True).clamp_min(1e-12)
             kernel = torch.exp(-0.5 * (hidden / width).square()) / (math.sqrt(2 * math.pi) * width)
-            boundary = kernel * (log_alpha[..., None] * grad)
-            direct = boundary if direct is None else direct + boundary
-        if direct is not None:
-            direct = direct.unbind(0)
+            direct = (kernel * (log_alpha[..., None] * grad)).unbind(0)
         grad_h = torch.empty_like(hidden)  # d out / d h_k
         scale = torch.where(negative.bool(), inv_alpha[..., None], 1.0)  # d h_k / d u_k
         weights_t, scales = weight.mT.unbind(0), scale.unbind(0)
