@@ -67,7 +67,9 @@ def main() -> None:
     # 2. Start the kinks where the data is: regress one coordinate of target samples on hinges
     #    relu(x_s - b_j) of the other, and build the chain as pairs of PReLU layers (slopes
     #    alpha, 1/alpha around a shear) that each add one hinge. Only samples are used.
-    data = target.sample(65536, generator=torch.Generator().manual_seed(args.seed + 99))
+    data = target.sample(
+        fp.density.DEFAULTS["init_samples"], generator=torch.Generator().manual_seed(args.seed + 99)
+    )
     fp.density.init_hinges_(flow, data, spread=fp.density.DEFAULTS["hinge_spread"])
 
     # 3. Maximum likelihood on fresh target samples each step, with the weights averaged (EMA).
