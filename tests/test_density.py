@@ -80,6 +80,22 @@ def test_init_splines_starts_near_the_banana_from_samples_alone(layers):
         density.init_hinges_(flow, data)
 
 
+@pytest.mark.parametrize("layers", [2, 5])
+def test_init_splines_finds_a_lower_shear_in_3d(layers):
+    """x_2 = x_0^2 / 2 + noise, x_1 independent: the pair (t, s) = (2, 0) is a lower shear."""
+    g = torch.Generator().manual_seed(0)
+    a, b, noise = torch.randn(3, 100_000, generator=g, dtype=torch.float64)
+    x = torch.stack([a, 2 * b + 1, a**2 / 2 + 0.2 * noise], 1)
+    normal = torch.distributions.Normal
+    log_p = normal(0.0, 1.0).log_prob(a) + normal(1.0, 2.0).log_prob(x[:, 1])
+    log_p = log_p + normal(a**2 / 2, 0.2).log_prob(x[:, 2])
+    flow = Flow(3, layers=layers, rank=1, nonlinearity="spline", bins=16, seed=0).double()
+    density.init_splines_(flow, x[:50_000])
+    with torch.no_grad():
+        kl = (log_p[50_000:] - flow().log_prob(x[50_000:])).mean()
+    assert kl < 0.005
+
+
 def test_spline_raw_parameters_reproduce_knots_and_derivatives():
     generator = torch.Generator().manual_seed(0)
     bound, bins = 3.0, 6
