@@ -286,6 +286,8 @@ def init_hinges_(
     pairs = len(prelus) // 2
     if flow.config["nonlinearity"] != "prelu":
         raise ValueError("init_hinges_ is for affine + PReLU flows (init_splines_ for splines)")
+    if flow.config.get("squash"):
+        raise ValueError("init_hinges_: a squashed flow's support is fixed to (-1, 1)^d")
     if d < 2 or pairs == 0 or blocks[0][1].rank == 0:
         raise ValueError("init_hinges_ needs dim >= 2, layers >= 2 and rank >= 1")
     y, mean, std = _standardized(data)
@@ -372,13 +374,15 @@ def init_splines_(
     affine layer takes out :math:`\pm c\,u`. The first pair adds :math:`P`, the second
     subtracts :math:`N`, further pairs start at the identity. The base coordinate :math:`z_s` is
     scaled by :math:`B/\text{reach}` so that :math:`|z_s| < \text{reach}` stays inside the
-    splines' interval. The flow starts as :math:`y_t = h(y_s) + \sigma z_t` (KL about 1e-4 on the
-    banana from :math:`2^{18}` samples) and training moves every knot.
+    splines' interval. The flow starts as :math:`y_t = h(y_s) + \sigma z_t` (KL 0.00004-0.00008 on
+    the banana from :math:`2^{18}` samples, 4 layers, 16 bins) and training moves every knot.
     """
     d = flow.layout.dim
     blocks, splines = _affine_blocks(flow), _nonlinear_blocks(flow)
     if flow.config["nonlinearity"] != "spline":
         raise ValueError("init_splines_ is for affine + spline flows (init_hinges_ for PReLU)")
+    if flow.config.get("squash"):
+        raise ValueError("init_splines_: a squashed flow's support is fixed to (-1, 1)^d")
     if d < 2 or len(splines) < 2 or blocks[0][1].rank == 0:
         raise ValueError("init_splines_ needs dim >= 2, layers >= 2 and rank >= 1")
     if not smooth > 0:

@@ -78,6 +78,9 @@ def test_init_splines_starts_near_the_banana_from_samples_alone(layers):
         density.init_splines_(Flow(2, layers=4, rank=1), data)
     with pytest.raises(ValueError, match="init_splines_ for splines"):
         density.init_hinges_(flow, data)
+    squashed = Flow(2, layers=4, rank=1, nonlinearity="spline", squash=True)
+    with pytest.raises(ValueError, match="squashed"):
+        density.init_splines_(squashed, data)
 
 
 @pytest.mark.parametrize("layers", [2, 5])
