@@ -167,6 +167,14 @@ def parse_args() -> Args:
     return args
 
 
+def mirrored(values, axis_x: float = 0.0):
+    """A copy of observations (or actions, ``axis_x = 0``) reflected about the line
+    ``x = axis_x``: the first coordinate becomes ``2 axis_x - x``; numpy arrays or tensors."""
+    out = values.clone() if isinstance(values, torch.Tensor) else values.copy()
+    out[..., 0] = 2 * axis_x - values[..., 0]
+    return out
+
+
 class MirrorReplayBuffer(ReplayBuffer):
     """Stores each transition and its mirror image :math:`(x, a_x) \\mapsto (2c - x, -a_x)`.
 
@@ -178,11 +186,8 @@ class MirrorReplayBuffer(ReplayBuffer):
 
     def add(self, obs, next_obs, action, reward, done, infos) -> None:  # type: ignore[override]
         super().add(obs, next_obs, action, reward, done, infos)
-        mirror_obs, mirror_next, mirror_action = obs.copy(), next_obs.copy(), action.copy()
-        mirror_obs[..., 0] = 2 * self.axis_x - obs[..., 0]
-        mirror_next[..., 0] = 2 * self.axis_x - next_obs[..., 0]
-        mirror_action[..., 0] = -action[..., 0]
-        super().add(mirror_obs, mirror_next, mirror_action, reward, done, infos)
+        mirror_obs, mirror_next = mirrored(obs, self.axis_x), mirrored(next_obs, self.axis_x)
+        super().add(mirror_obs, mirror_next, mirrored(action), reward, done, infos)
 
 
 class RouteExplorationSAC(SAC):
@@ -257,10 +262,9 @@ def symmetrize_critic(critic: torch.nn.Module, axis_x: float) -> None:
     forward = critic.forward
 
     def symmetric(obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        mirror_obs, mirror_actions = obs.clone(), actions.clone()
-        mirror_obs[..., 0] = 2 * axis_x - obs[..., 0]
-        mirror_actions[..., 0] = -actions[..., 0]
-        both = forward(torch.cat([obs, mirror_obs]), torch.cat([actions, mirror_actions]))
+        both = forward(
+            torch.cat([obs, mirrored(obs, axis_x)]), torch.cat([actions, mirrored(actions)])
+        )
         return tuple(0.5 * (q[: len(obs)] + q[len(obs) :]) for q in both)
 
     critic.forward = symmetric
@@ -385,8 +389,9 @@ def make_model(kind: str, args: Args, env: gym.Env) -> RouteExplorationSAC:
     )
     if args.mirror and args.n_steps > 1:
         raise ValueError("--n-steps > 1 and --mirror cannot be combined")
+    axis_x = float(env.unwrapped.lake_center[0])  # the task's mirror line
     if args.mirror:
-        MirrorReplayBuffer.axis_x = float(env.unwrapped.lake_center[0])
+        MirrorReplayBuffer.axis_x = axis_x
     model = RouteExplorationSAC(
         flowpolicy.FlowPolicy if kind == "flow" else "MlpPolicy",
         env,
@@ -408,7 +413,7 @@ def make_model(kind: str, args: Args, env: gym.Env) -> RouteExplorationSAC:
     model.actor_lr_ratio, model.alpha_min = args.actor_lr_ratio, args.alpha_min
     if args.symmetric_critic:
         for critic in (model.critic, model.critic_target):
-            symmetrize_critic(critic, float(env.unwrapped.lake_center[0]))
+            symmetrize_critic(critic, axis_x)
     return model
 
 

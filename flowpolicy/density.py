@@ -105,21 +105,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return device
 
 
-def _affine_blocks(flow: Flow) -> list[tuple[int, torch.nn.Module]]:
-    """(offset in ``theta``, parameter module) of every affine layer of the chain."""
+def _blocks(flow: Flow, affine: bool = True) -> list[tuple[int, torch.nn.Module]]:
+    """(offset in ``theta``, parameter module) of every affine layer of the chain, or with
+    ``affine=False`` of every nonlinear (PReLU or spline) layer."""
     blocks, offset = [], 0
     for module, size in zip(flow.layout.chain, flow.layout.sizes):
-        if hasattr(module, "diag_offset"):  # _AffineParams
-            blocks.append((offset, module))
-        offset += size
-    return blocks
-
-
-def _nonlinear_blocks(flow: Flow) -> list[tuple[int, torch.nn.Module]]:
-    """(offset in ``theta``, parameter module) of every PReLU or spline layer of the chain."""
-    blocks, offset = [], 0
-    for module, size in zip(flow.layout.chain, flow.layout.sizes):
-        if not hasattr(module, "diag_offset"):
+        if hasattr(module, "diag_offset") == affine:  # only _AffineParams has one
             blocks.append((offset, module))
         offset += size
     return blocks
@@ -161,7 +152,7 @@ def init_layers_(
     of magnitude. Unit-scale inputs with kinks scattered through their bulk give every PReLU
     something to bend. The last affine layer is left for :func:`standardize_`.
     """
-    blocks = _affine_blocks(flow)
+    blocks = _blocks(flow)
     theta = flow.theta
     generator = torch.Generator().manual_seed(0 if seed is None else seed)
     with torch.no_grad():
@@ -237,6 +228,24 @@ def _hinges(u: Tensor, kinks: Tensor, smooth: float) -> Tensor:
     return F.relu(u) if smooth == 0 else smooth * F.softplus(u / smooth)
 
 
+def _check_pair_init(flow: Flow, name: str, nonlinearity: str, instead: str) -> None:
+    """The flows a pair initialization can build: unsquashed, of its nonlinearity, dim >= 2,
+    at least one pair of nonlinear layers, and a low-rank update (for upper shears)."""
+    if flow.config["nonlinearity"] != nonlinearity:
+        kind = "PReLU" if nonlinearity == "prelu" else "spline"
+        raise ValueError(f"{name} is for affine + {kind} flows ({instead})")
+    if flow.config.get("squash"):
+        raise ValueError(f"{name}: a squashed flow's support is fixed to (-1, 1)^d")
+    if flow.layout.dim < 2 or flow.config["layers"] < 2 or flow.config["rank"] == 0:
+        raise ValueError(f"{name} needs dim >= 2, layers >= 2 and rank >= 1")
+
+
+def _spread_quantiles(n: int, spread: float) -> Tensor:
+    r""":math:`b_j = \text{spread}\cdot\Phi^{-1}((j - \frac12)/n)`, :math:`j = 1 \dots n`."""
+    normal = torch.distributions.Normal(0.0, 1.0)
+    return spread * normal.icdf((torch.arange(n, dtype=torch.float64) + 0.5) / n)
+
+
 def _hinge_regression(
     y: Tensor, kinks: Tensor, smooth: float, ridge: float
 ) -> tuple[float, int, int, Tensor]:
@@ -281,18 +290,12 @@ def init_hinges_(
     :math:`y_t = \text{fit}(y_s) + \sigma z_t` and training moves every kink and slope.
     """
     d = flow.layout.dim
-    blocks = _affine_blocks(flow)
-    prelus = _nonlinear_blocks(flow)
+    blocks = _blocks(flow)
+    prelus = _blocks(flow, affine=False)
     pairs = len(prelus) // 2
-    if flow.config["nonlinearity"] != "prelu":
-        raise ValueError("init_hinges_ is for affine + PReLU flows (init_splines_ for splines)")
-    if flow.config.get("squash"):
-        raise ValueError("init_hinges_: a squashed flow's support is fixed to (-1, 1)^d")
-    if d < 2 or pairs == 0 or blocks[0][1].rank == 0:
-        raise ValueError("init_hinges_ needs dim >= 2, layers >= 2 and rank >= 1")
+    _check_pair_init(flow, "init_hinges_", "prelu", "init_splines_ for splines")
     y, mean, std = _standardized(data)
-    normal = torch.distributions.Normal(0.0, 1.0)
-    kinks = spread * normal.icdf((torch.arange(pairs, dtype=torch.float64) + 0.5) / pairs)
+    kinks = _spread_quantiles(pairs, spread)
     residual, t, s, coef = _hinge_regression(y, kinks, smooth=0.0, ridge=ridge)
     signs = torch.ones(pairs, dtype=torch.float64)
     signs[1::2] = -1  # alternate alpha < 1 and alpha > 1
@@ -378,18 +381,12 @@ def init_splines_(
     the banana from :math:`2^{18}` samples, 4 layers, 16 bins) and training moves every knot.
     """
     d = flow.layout.dim
-    blocks, splines = _affine_blocks(flow), _nonlinear_blocks(flow)
-    if flow.config["nonlinearity"] != "spline":
-        raise ValueError("init_splines_ is for affine + spline flows (init_hinges_ for PReLU)")
-    if flow.config.get("squash"):
-        raise ValueError("init_splines_: a squashed flow's support is fixed to (-1, 1)^d")
-    if d < 2 or len(splines) < 2 or blocks[0][1].rank == 0:
-        raise ValueError("init_splines_ needs dim >= 2, layers >= 2 and rank >= 1")
+    blocks, splines = _blocks(flow), _blocks(flow, affine=False)
+    _check_pair_init(flow, "init_splines_", "spline", "init_hinges_ for PReLU")
     if not smooth > 0:
         raise ValueError(f"init_splines_: smooth must be positive, got {smooth}")
     y, mean, std = _standardized(data)
-    normal = torch.distributions.Normal(0.0, 1.0)
-    kinks = spread * normal.icdf((torch.arange(knots, dtype=torch.float64) + 0.5) / knots)
+    kinks = _spread_quantiles(knots, spread)
     residual, t, s, coef = _hinge_regression(y, kinks, smooth, ridge)
     bins, bound = splines[0][1].bins, splines[0][1].bound
     rho = bound / reach  # u = rho z_s in the splines' interval
@@ -464,7 +461,7 @@ def standardize_(flow: Flow, data: Tensor, num_samples: int = 16384, seed: int =
     """
     if flow.config.get("squash"):
         raise ValueError("standardize_: a squashed flow's support is fixed to (-1, 1)^d")
-    offset, module = _affine_blocks(flow)[-1]
+    offset, module = _blocks(flow)[-1]
     theta = flow.theta
     with torch.no_grad():
         generator = torch.Generator(theta.device).manual_seed(seed)
