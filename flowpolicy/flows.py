@@ -33,6 +33,7 @@ from flowpolicy.bijectors import Affine, PReLU, Spline, Tanh, call_and_ladj, inv
 __all__ = ["ConditionalFlow", "Flow", "FlowDistribution"]
 
 NONLINEARITIES = ("prelu", "spline")
+_LOG_2PI = math.log(2 * math.pi)
 
 
 class FlowDistribution(Distribution):
@@ -128,6 +129,112 @@ class FlowDistribution(Distribution):
 
     def expand(self, batch_shape, _instance=None):
         raise NotImplementedError("FlowDistribution does not support expand()")
+
+
+class _PReLUChain(torch.autograd.Function):
+    r"""The affine/PReLU chain for one sample per parameter set, with a hand-written backward.
+
+    For a policy's step (one action per state) autograd would record about ten nodes per layer,
+    and on CPU their overhead, not the arithmetic, is what a small flow costs (measured in
+    ``benchmarks/bench_flows.py``). Affine layer ``k`` maps its input :math:`x` by
+    :math:`S = L(I + VV^\top)` without forming :math:`S` (one tiny matmul per sample costs more
+    than the vector products), and all but the last are followed by a PReLU with mask
+    :math:`m = [p < 0]`, which adds :math:`\sum_i m_i \log a_i` to the log-det :math:`\ell`:
+
+    .. math:: u = V^\top x, \quad w = x + V u, \quad p = L w + b, \quad
+              x' = p \odot (m\,a + 1 - m).
+
+    An optional :math:`y = \tanh(x)` ends the chain and adds its log-det to :math:`\ell`. With
+    bars for gradients, the backward is
+
+    .. math:: \bar x = \bar y\,(1 - y^2) - 2\bar\ell\,y, \qquad
+              \bar p = \bar x' \odot (m\,a + 1 - m), \qquad
+              \overline{\log a} = m \odot (\bar x' \odot x' + \bar\ell),
+
+    .. math:: \bar b = \bar p,\ \bar L = \bar p\, w^\top,\ \bar w = L^\top \bar p,\
+              t = V^\top \bar w,\ \bar V = \bar w u^\top + x t^\top,\ \bar x = \bar w + V t
+
+    (tanh's log-det has derivative :math:`-2\tanh x`). The affine log-dets depend on the
+    parameters only and are left to autograd. ``tests/test_flows.py`` checks all of it against
+    autograd through the bijectors.
+
+    Inputs: ``z (B, d)``, ``shift (K+1, B, d)``, ``L (K+1, B, d, d)``, ``V (K+1, B, d, r)`` or
+    ``None``, ``log_alpha (K, B, d)``. Outputs: the sample ``(B, d)`` and the log-det of the
+    PReLUs and tanh, ``(B,)``.
+    """
+
+    @staticmethod
+    def forward(ctx, z, shift, L, V, log_alpha, squash):
+        alpha = log_alpha.exp().unsqueeze(-1)
+        shifts, scales, slopes = shift.unsqueeze(-1).unbind(), L.unbind(), alpha.unbind()
+        factors = V.unbind() if V is not None else ()
+        x = z.unsqueeze(-1)  # columns (B, d, 1): every product is one batched matmul
+        inputs, lows, mixed, outputs, masks = [], [], [], [], []
+        for k in range(len(scales)):
+            inputs.append(x)
+            if factors:
+                u = factors[k].mT @ x
+                x = torch.baddbmm(x, factors[k], u)
+                lows.append(u)
+            mixed.append(x)
+            x = torch.baddbmm(shifts[k], scales[k], x)
+            if k < len(slopes):
+                negative = x < 0
+                x = torch.where(negative, slopes[k] * x, x)
+                masks.append(negative)
+                outputs.append(x)
+        x = x.squeeze(-1)
+        masks = torch.stack(masks) if masks else None
+        if masks is not None:
+            ladj = torch.where(masks, log_alpha.unsqueeze(-1), 0.0).sum((0, 2, 3))
+        else:
+            ladj = x.new_zeros(x.shape[:-1])
+        if squash:
+            ladj = ladj + Tanh._ladj(x)
+            x = torch.tanh(x)
+        ctx.squash = squash
+        if any(ctx.needs_input_grad):  # not under no_grad: stacking the layers costs kernels
+
+            def stack(tensors: list[Tensor]) -> Tensor | None:
+                return torch.stack(tensors) if tensors else None
+
+            saved = stack(inputs), stack(lows), stack(mixed), stack(outputs), masks
+            ctx.save_for_backward(L, V, alpha, x, *saved)
+        return x, ladj
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_x, grad_ladj):
+        L, V, alpha, y, inputs, lows, mixed, outputs, masks = ctx.saved_tensors
+        g = grad_x
+        if ctx.squash:
+            g = g * (1 - y * y) - 2 * grad_ladj.unsqueeze(-1) * y
+        g = g.unsqueeze(-1)
+        scales, slopes = L.mT.unbind(), alpha.unbind()
+        factors = V.unbind() if V is not None else ()
+        grad_p, grad_w, grad_t, grad_out = [], [], [], []
+        for k in reversed(range(len(scales))):
+            if k < len(slopes):
+                grad_out.append(g)
+                g = torch.where(masks[k], slopes[k] * g, g)
+            grad_p.append(g)
+            g = scales[k] @ g
+            if factors:
+                grad_w.append(g)
+                t = factors[k].mT @ g
+                g = torch.baddbmm(g, factors[k], t)
+                grad_t.append(t)
+        grad_p = torch.stack(grad_p[::-1])
+        grad_V = grad_log_alpha = None
+        if factors:
+            grad_w, grad_t = torch.stack(grad_w[::-1]), torch.stack(grad_t[::-1])
+            grad_V = grad_w * lows.mT + inputs * grad_t.mT
+        if grad_out:
+            grad_out = torch.stack(grad_out[::-1])
+            grad_ladj = grad_ladj[:, None, None]
+            grad_log_alpha = torch.where(masks, grad_out * outputs + grad_ladj, 0.0).squeeze(-1)
+        grad_L = grad_p * mixed.mT
+        return g.squeeze(-1), grad_p.squeeze(-1), grad_L, grad_V, grad_log_alpha, None
 
 
 class _AffineParams(nn.Module):
@@ -279,23 +386,98 @@ class _FlowParams(nn.Module):
         return torch.cat([layer.init(generator, strength) for layer in self.chain])
 
     def forward(self, theta: Tensor, validate_args: bool | None) -> FlowDistribution:
-        batch = theta.shape[:-1]
         chunks = theta.split(self.sizes, -1)
         # All affine layers share one layout, and so do all nonlinear layers: build each kind in
-        # one call with a leading layer dimension and split it, instead of one call per layer
-        # (on CPU the many tiny kernels of per-layer builds dominate a small policy's step).
-        affines = _unbind_layers(self.chain[0](torch.stack(chunks[0::2])))
-        transforms: list[Transform] = [affines[0]]
-        if len(self.chain) > 1:
-            nonlinear = _unbind_layers(self.chain[1](torch.stack(chunks[1::2])))
-            for g, affine in zip(nonlinear, affines[1:]):
-                transforms += [g, affine]
-        if self.squash:
-            transforms.append(Tanh())
-        shape = batch + (self.dim,)
+        # one call with a leading layer dimension, instead of one call per layer (on CPU the many
+        # tiny kernels of per-layer builds dominate a small policy's step).
+        affine = self.chain[0](torch.stack(chunks[0::2]))
+        nonlinear = self.chain[1](torch.stack(chunks[1::2])) if len(self.chain) > 1 else None
+        shape = theta.shape[:-1] + (self.dim,)
         normal = Normal(self.zero.expand(shape), self.one.expand(shape), validate_args=False)
         base = Independent(normal, 1, validate_args=False)
-        return FlowDistribution(base, transforms, validate_args=validate_args)
+        return _LayeredFlowDistribution(base, affine, nonlinear, self.squash, validate_args)
+
+
+class _LayeredFlowDistribution(FlowDistribution):
+    """The :class:`FlowDistribution` of a :class:`_FlowParams` layout, whose bijectors hold every
+    layer's parameters with a leading layer dimension.
+
+    The per-layer bijectors are split off only when they are used; one sample per parameter set
+    (a policy's step) through an affine/PReLU chain takes the fused :class:`_PReLUChain`.
+    """
+
+    def __init__(
+        self,
+        base: Distribution,
+        affine: Affine,
+        nonlinear: Transform | None,
+        squash: bool,
+        validate_args: bool | None,
+    ) -> None:
+        self.affine, self.nonlinear, self.squash = affine, nonlinear, squash
+        self._transforms: list[Transform] | None = None
+        super().__init__(base, (), validate_args=validate_args)
+
+    @property
+    def transforms(self) -> list[Transform]:
+        if self._transforms is None:
+            affines = _unbind_layers(self.affine)
+            transforms: list[Transform] = [affines[0]]
+            if self.nonlinear is not None:
+                for g, affine in zip(_unbind_layers(self.nonlinear), affines[1:]):
+                    transforms += [g, affine]
+            if self.squash:
+                transforms.append(Tanh())
+            self._transforms = transforms
+        return self._transforms
+
+    @transforms.setter
+    def transforms(self, value: Sequence[Transform]) -> None:
+        # FlowDistribution.__init__ assigns the chain it is given (none): this one builds its own
+        if value:
+            raise AttributeError("the transforms of a flow module's distribution are its layers")
+
+    def push_forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        prelu = self.nonlinear is None or isinstance(self.nonlinear, PReLU)
+        if z.shape[:-1] != self.batch_shape or not prelu:
+            return super().push_forward(z)
+        affine = self.affine
+
+        def flat(t: Tensor, event_dims: int) -> Tensor:  # (n, *batch, *event) -> (n, B, *event)
+            return t.reshape(t.shape[0], -1, *t.shape[t.dim() - event_dims :])
+
+        if self.nonlinear is None:
+            log_alpha = z.new_zeros(0, self.batch_shape.numel(), z.shape[-1])
+        else:
+            log_alpha = flat(self.nonlinear.log_alpha, 1)
+        factor = None if affine.factor is None else flat(affine.factor, 2)
+        x, ladj = _PReLUChain.apply(
+            z.reshape(-1, z.shape[-1]),
+            flat(affine.shift, 1),
+            flat(affine.scale_tril, 2),
+            factor,
+            log_alpha,
+            self.squash,
+        )
+        # the base is the standard normal that _FlowParams built: its density without Normal's ops
+        log_base = z.pow(2).sum(-1).mul(-0.5).sub(0.5 * z.shape[-1] * _LOG_2PI)
+        log_prob = log_base - affine.log_det().sum(0) - ladj.reshape(z.shape[:-1])
+        return x.reshape(z.shape), log_prob
+
+    def rsample_and_log_prob(
+        self, sample_shape: Size | Sequence[int] = ()
+    ) -> tuple[Tensor, Tensor]:
+        if Size(sample_shape):
+            return super().rsample_and_log_prob(sample_shape)
+        shift = self.affine.shift  # the base is standard normal: draw it without Normal's ops
+        return self.push_forward(
+            torch.randn(shift.shape[1:], dtype=shift.dtype, device=shift.device)
+        )
+
+    def rsample(self, sample_shape: Size | Sequence[int] = ()) -> Tensor:
+        if Size(sample_shape):
+            return super().rsample(sample_shape)
+        return self.rsample_and_log_prob()[0]
 
 
 class Flow(nn.Module):

@@ -172,3 +172,59 @@ def test_bad_input_gets_clear_errors():
     cflow = ConditionalFlow(2, 4, hidden=())
     with pytest.raises(ValueError, match=r"context of shape \(\.\.\., 4\)"):
         cflow(torch.zeros(3, 5))
+
+
+@pytest.mark.parametrize("squash", [False, True])
+@pytest.mark.parametrize(("dim", "layers", "rank"), [(1, 1, 1), (3, 0, 2), (3, 3, 0), (6, 4, 2)])
+@pytest.mark.parametrize("batch", [(7,), (2, 3)])
+def test_fused_policy_step_equals_the_chain_of_bijectors(squash, dim, layers, rank, batch):
+    """One sample per state takes the hand-written forward and backward of the affine/PReLU
+    chain: values and every parameter's gradient equal autograd through the bijectors."""
+    cflow = ConditionalFlow(dim, 4, layers, rank, hidden=(16,), squash=squash, seed=1)
+    with torch.no_grad():
+        cflow.hyper[-1].weight.mul_(30)  # context-dependent, mixed-sign flows
+    context, z = torch.randn(*batch, 4), torch.randn(*batch, dim)
+    weights = torch.randn(*batch, dim), torch.randn(batch)
+
+    def values_and_grads(push_forward):
+        cflow.zero_grad()
+        x, log_prob = push_forward(cflow(context), z)
+        ((x * weights[0]).sum() + (log_prob * weights[1]).sum()).backward()
+        return [x, log_prob] + [p.grad.clone() for p in cflow.parameters()]
+
+    def graph(node):  # names of the autograd nodes behind a tensor's grad_fn
+        names = {type(node).__name__}
+        for child, _ in node.next_functions if node is not None else ():
+            names |= graph(child) if child is not None else set()
+        return names
+
+    assert "_PReLUChainBackward" in graph(cflow(context).push_forward(z)[0].grad_fn)
+    fused = values_and_grads(lambda dist, z: dist.push_forward(z))
+    chain = values_and_grads(
+        lambda dist, z: FlowDistribution(dist.base, dist.transforms).push_forward(z)
+    )
+    assert fused[0].shape == (*batch, dim) and fused[1].shape == batch
+    for a, b in zip(fused, chain):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+    # rsample_and_log_prob draws its noise and takes the same path
+    torch.manual_seed(3)
+    x, log_prob = cflow(context).rsample_and_log_prob()
+    torch.manual_seed(3)
+    torch.testing.assert_close((x, log_prob), cflow(context).push_forward(torch.randn(*batch, dim)))
+    torch.manual_seed(3)
+    torch.testing.assert_close(cflow(context).rsample(), x)
+
+
+@pytest.mark.parametrize("squash", [False, True])
+def test_fused_chain_passes_gradcheck(squash):
+    from flowpolicy.flows import _PReLUChain
+
+    B, d, r, K = 5, 3, 2, 2
+    z = torch.randn(B, d, requires_grad=True)
+    shift = torch.randn(K + 1, B, d, requires_grad=True)
+    L = (torch.randn(K + 1, B, d, d).tril() + 2 * torch.eye(d)).requires_grad_()
+    V = torch.randn(K + 1, B, d, r, requires_grad=True)
+    log_alpha = torch.randn(K, B, d, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda *inputs: _PReLUChain.apply(*inputs, squash), (z, shift, L, V, log_alpha)
+    )
