@@ -163,14 +163,8 @@ class Affine(Transform):
         ladj = self.log_diag.sum(-1)
         if self.factor is None:
             return ladj
-        r = self.factor.shape[-1]
-        if r == 1:  # det C = 1 + |f|^2, without a batched LAPACK call
-            return ladj + torch.log1p(self.factor.pow(2).sum((-2, -1)))
-        if r == 2:  # det C = (1 + a)(1 + c) - b^2 >= 1, since C >= I
-            # the Gram entries from the two columns: cheaper than a batched 2x2 matmul on CPU
-            f, g = self.factor.unbind(-1)
-            a, b, c = (f * f).sum(-1), (f * g).sum(-1), (g * g).sum(-1)
-            return ladj + torch.log((1 + a) * (1 + c) - b * b)
+        if self.factor.shape[-1] <= 2:
+            return ladj + capacitance_log_det(self.factor)
         diag = torch.diagonal(self.capacitance_tril, dim1=-2, dim2=-1)
         return ladj + 2 * diag.log().sum(-1)
 
@@ -217,6 +211,34 @@ class Affine(Transform):
 
     def inv_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
         return self._inverse(y), _expand_ladj(self.log_det(), y)
+
+
+def capacitance_log_det(factor: Tensor) -> Tensor:
+    r""":math:`\log\det C` of the capacitance :math:`C = I_r + F^\top F` for rank
+    :math:`r \le 2`, in closed form (no batched LAPACK call, which costs more at these sizes):
+    :math:`1 + |f|^2` for one column, :math:`(1 + a)(1 + c) - b^2 \ge 1` for two, with the Gram
+    entries :math:`a = |f|^2, b = f \cdot g, c = |g|^2` of the columns :math:`f, g`."""
+    if factor.shape[-1] == 1:
+        return torch.log1p(factor.pow(2).sum((-2, -1)))
+    f, g = factor.unbind(-1)  # the columns: cheaper than a batched 2x2 matmul on CPU
+    a, b, c = (f * f).sum(-1), (f * g).sum(-1), (g * g).sum(-1)
+    return torch.log((1 + a) * (1 + c) - b * b)
+
+
+def capacitance_log_det_grad(factor: Tensor) -> Tensor:
+    r"""The gradient of :func:`capacitance_log_det` with respect to :math:`F`,
+    :math:`2 F C^{-1}`, with the 2x2 inverse :math:`C^{-1} = \frac{1}{\det C}
+    \begin{pmatrix} 1 + c & -b \\ -b & 1 + a \end{pmatrix}`."""
+    if factor.shape[-1] == 1:
+        return 2 * factor / (1 + factor.pow(2).sum((-2, -1)))[..., None, None]
+    f, g = factor.unbind(-1)
+    a, b, c = (
+        (f * f).sum(-1, keepdim=True),
+        (f * g).sum(-1, keepdim=True),
+        (g * g).sum(-1, keepdim=True),
+    )
+    scale = 2 / ((1 + a) * (1 + c) - b * b)
+    return torch.stack([scale * ((1 + c) * f - b * g), scale * ((1 + a) * g - b * f)], -1)
 
 
 class PReLU(Transform):

@@ -28,7 +28,16 @@ import torch.nn.functional as F
 from torch import Size, Tensor
 from torch.distributions import Distribution, Independent, Normal, Transform, constraints
 
-from flowpolicy.bijectors import Affine, PReLU, Spline, Tanh, call_and_ladj, inv_and_ladj
+from flowpolicy.bijectors import (
+    Affine,
+    PReLU,
+    Spline,
+    Tanh,
+    call_and_ladj,
+    capacitance_log_det,
+    capacitance_log_det_grad,
+    inv_and_ladj,
+)
 
 __all__ = ["ConditionalFlow", "Flow", "FlowDistribution"]
 
@@ -131,110 +140,114 @@ class FlowDistribution(Distribution):
         raise NotImplementedError("FlowDistribution does not support expand()")
 
 
-class _PReLUChain(torch.autograd.Function):
-    r"""The affine/PReLU chain for one sample per parameter set, with a hand-written backward.
+class _FusedPReLUFlow(torch.autograd.Function):
+    r"""A policy's step through an affine/PReLU flow: raw parameters ``theta (B, P)`` and base
+    noise ``z (B, d)``, one sample per parameter set, to the sample ``x (B, d)`` and the log-det
+    of the whole chain ``(B,)``, in one autograd node with a hand-written backward.
 
-    For a policy's step (one action per state) autograd would record about ten nodes per layer,
-    and on CPU their overhead, not the arithmetic, is what a small flow costs (measured in
-    ``benchmarks/bench_flows.py``). Affine layer ``k`` maps its input :math:`x` by
-    :math:`S = L(I + VV^\top)` without forming :math:`S` (one tiny matmul per sample costs more
-    than the vector products), and all but the last are followed by a PReLU with mask
-    :math:`m = [p < 0]`, which adds :math:`\sum_i m_i \log a_i` to the log-det :math:`\ell`:
+    Autograd would record about ten nodes per layer, and on CPU their overhead, not the
+    arithmetic, is what a small flow costs (``benchmarks/bench_flows.py``). Affine layer ``k``
+    maps its input :math:`x` by :math:`S = L(I + VV^\top)` without forming :math:`S` (a tiny matmul
+    per sample costs more than the vector products); all but the last are followed by a PReLU
+    with mask :math:`m = [p < 0]`; an optional tanh ends the chain:
 
     .. math:: u = V^\top x, \quad w = x + V u, \quad p = L w + b, \quad
-              x' = p \odot (m\,a + 1 - m).
+              x' = p \odot (m\,a + 1 - m),
 
-    An optional :math:`y = \tanh(x)` ends the chain and adds its log-det to :math:`\ell`. With
-    bars for gradients, the backward is
+    .. math:: \ell = \textstyle\sum_k \big(\sum_i \log L_{ii} + \log\det(I + V^\top V)\big)
+              + \sum_k \sum_i m_i \log a_i\ [+ \text{tanh's log-det}].
+
+    With bars for gradients, the backward is
 
     .. math:: \bar x = \bar y\,(1 - y^2) - 2\bar\ell\,y, \qquad
               \bar p = \bar x' \odot (m\,a + 1 - m), \qquad
               \overline{\log a} = m \odot (\bar x' \odot x' + \bar\ell),
 
     .. math:: \bar b = \bar p,\ \bar L = \bar p\, w^\top,\ \bar w = L^\top \bar p,\
-              t = V^\top \bar w,\ \bar V = \bar w u^\top + x t^\top,\ \bar x = \bar w + V t
+              t = V^\top \bar w,\ \bar V = \bar w u^\top + x t^\top
+              + 2 \bar\ell\, V (I + V^\top V)^{-1},\ \bar x = \bar w + V t,
 
-    (tanh's log-det has derivative :math:`-2\tanh x`). The affine log-dets depend on the
-    parameters only and are left to autograd. ``tests/test_flows.py`` checks all of it against
-    autograd through the bijectors.
-
-    Inputs: ``z (B, d)``, ``shift (K+1, B, d)``, ``L (K+1, B, d, d)``, ``V (K+1, B, d, r)`` or
-    ``None``, ``log_alpha (K, B, d)``. Outputs: the sample ``(B, d)`` and the log-det of the
-    PReLUs and tanh, ``(B,)``.
+    then through the parametrization (:meth:`_AffineParams.parts_backward`);
+    tanh's log-det has derivative :math:`-2\tanh x`, and :math:`\log L_{ii}` gives
+    :math:`\bar\ell / L_{ii}`. ``tests/test_flows.py`` checks it against autograd through the
+    bijectors and with ``gradcheck``.
     """
 
     @staticmethod
-    def forward(ctx, z, shift, L, V, log_alpha, squash):
+    def forward(ctx, z, theta, layout):
+        affine_params = layout.chain[0]
+        chunks = theta.split(layout.sizes, -1)
+        raw = torch.stack(chunks[0::2])  # (K+1, B, P_affine): every affine layer at once
+        log_alpha = torch.stack(chunks[1::2]) if len(chunks) > 1 else theta.new_zeros(0, *z.shape)
+        shift, diag, L, V = affine_params.parts(raw)
+        ladj = diag.log().sum((0, -1))
+        if V is not None:
+            ladj = ladj + capacitance_log_det(V).sum(0)
         alpha = log_alpha.exp().unsqueeze(-1)
-        shifts, scales, slopes = shift.unsqueeze(-1).unbind(), L.unbind(), alpha.unbind()
-        factors = V.unbind() if V is not None else ()
-        x = z.unsqueeze(-1)  # columns (B, d, 1): every product is one batched matmul
-        inputs, lows, mixed, outputs, masks = [], [], [], [], []
-        for k in range(len(scales)):
-            inputs.append(x)
-            if factors:
-                u = factors[k].mT @ x
-                x = torch.baddbmm(x, factors[k], u)
-                lows.append(u)
-            mixed.append(x)
-            x = torch.baddbmm(shifts[k], scales[k], x)
-            if k < len(slopes):
-                negative = x < 0
-                x = torch.where(negative, slopes[k] * x, x)
-                masks.append(negative)
-                outputs.append(x)
+        n, (B, d), r = L.shape[0], z.shape, 0 if V is None else V.shape[-1]
+        # every layer writes into one buffer per quantity (no stacking for the backward); vectors
+        # are columns (B, d, 1), so that every product is one batched matmul
+        states = z.new_empty(n, B, d, 1)  # the input of each affine layer
+        lows, mixed = z.new_empty(n, B, r, 1), z.new_empty(n, B, d, 1)
+        masks = torch.empty(n - 1, B, d, 1, dtype=torch.bool, device=z.device)
+        states[0] = z.unsqueeze(-1)
+        for k in range(n):
+            x = states[k]
+            if V is not None:
+                torch.bmm(V[k].mT, x, out=lows[k])
+                x = torch.baddbmm(x, V[k], lows[k], out=mixed[k])
+            else:
+                mixed[k] = x
+            x = torch.baddbmm(shift[k].unsqueeze(-1), L[k], x)
+            if k < n - 1:
+                torch.lt(x, 0, out=masks[k])
+                torch.where(masks[k], alpha[k] * x, x, out=states[k + 1])
         x = x.squeeze(-1)
-        masks = torch.stack(masks) if masks else None
-        if masks is not None:
-            ladj = torch.where(masks, log_alpha.unsqueeze(-1), 0.0).sum((0, 2, 3))
-        else:
-            ladj = x.new_zeros(x.shape[:-1])
-        if squash:
+        if n > 1:
+            ladj = ladj + torch.where(masks, log_alpha.unsqueeze(-1), 0.0).sum((0, 2, 3))
+        if layout.squash:
             ladj = ladj + Tanh._ladj(x)
             x = torch.tanh(x)
-        ctx.squash = squash
-        if any(ctx.needs_input_grad):  # not under no_grad: stacking the layers costs kernels
-
-            def stack(tensors: list[Tensor]) -> Tensor | None:
-                return torch.stack(tensors) if tensors else None
-
-            saved = stack(inputs), stack(lows), stack(mixed), stack(outputs), masks
-            ctx.save_for_backward(L, V, alpha, x, *saved)
+        ctx.layout = layout
+        ctx.save_for_backward(raw, diag, L, V, alpha, x, states, lows, mixed, masks)
         return x, ladj
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_x, grad_ladj):
-        L, V, alpha, y, inputs, lows, mixed, outputs, masks = ctx.saved_tensors
+        raw, diag, L, V, alpha, y, states, lows, mixed, masks = ctx.saved_tensors
+        layout = ctx.layout
         g = grad_x
-        if ctx.squash:
+        if layout.squash:
             g = g * (1 - y * y) - 2 * grad_ladj.unsqueeze(-1) * y
-        g = g.unsqueeze(-1)
-        scales, slopes = L.mT.unbind(), alpha.unbind()
-        factors = V.unbind() if V is not None else ()
-        grad_p, grad_w, grad_t, grad_out = [], [], [], []
-        for k in reversed(range(len(scales))):
-            if k < len(slopes):
-                grad_out.append(g)
-                g = torch.where(masks[k], slopes[k] * g, g)
-            grad_p.append(g)
-            g = scales[k] @ g
-            if factors:
-                grad_w.append(g)
-                t = factors[k].mT @ g
-                g = torch.baddbmm(g, factors[k], t)
-                grad_t.append(t)
-        grad_p = torch.stack(grad_p[::-1])
-        grad_V = grad_log_alpha = None
-        if factors:
-            grad_w, grad_t = torch.stack(grad_w[::-1]), torch.stack(grad_t[::-1])
-            grad_V = grad_w * lows.mT + inputs * grad_t.mT
-        if grad_out:
-            grad_out = torch.stack(grad_out[::-1])
-            grad_ladj = grad_ladj[:, None, None]
-            grad_log_alpha = torch.where(masks, grad_out * outputs + grad_ladj, 0.0).squeeze(-1)
-        grad_L = grad_p * mixed.mT
-        return g.squeeze(-1), grad_p.squeeze(-1), grad_L, grad_V, grad_log_alpha, None
+        # grad_p[k]: of the output of affine layer k; grad_states[k]: of its input
+        grad_p, grad_states = torch.empty_like(mixed), torch.empty_like(states)
+        grad_w, grad_t = torch.empty_like(mixed), torch.empty_like(lows)
+        grad_p[-1] = g.unsqueeze(-1)
+        for k in reversed(range(L.shape[0])):
+            g = torch.bmm(L[k].mT, grad_p[k], out=grad_w[k] if V is not None else grad_states[k])
+            if V is not None:
+                torch.bmm(V[k].mT, g, out=grad_t[k])
+                torch.baddbmm(g, V[k], grad_t[k], out=grad_states[k])
+            if k > 0:
+                g = grad_states[k]
+                torch.where(masks[k - 1], alpha[k - 1] * g, g, out=grad_p[k - 1])
+        grad_V = None
+        if V is not None:
+            grad_V = grad_w * lows.mT + states * grad_t.mT
+            grad_V = grad_V + grad_ladj[:, None, None] * capacitance_log_det_grad(V)
+        grad_raw = layout.chain[0].parts_backward(
+            raw, grad_p.squeeze(-1), grad_ladj.unsqueeze(-1) / diag, grad_p * mixed.mT, grad_V
+        )
+        grads = list(grad_raw.unbind())
+        if L.shape[0] > 1:
+            # of log a: the PReLU output x' = a p on the mask, and its log-det term
+            outputs = states[1:]
+            grad_log_alpha = grad_states[1:] * outputs + grad_ladj[:, None, None]
+            grad_log_alpha = torch.where(masks, grad_log_alpha, 0.0).squeeze(-1)
+            for k, grad in enumerate(grad_log_alpha.unbind()):
+                grads.insert(2 * k + 1, grad)
+        return grad_states[0].squeeze(-1), torch.cat(grads, -1), None
 
 
 class _AffineParams(nn.Module):
@@ -270,13 +283,34 @@ class _AffineParams(nn.Module):
         factor.copy_(min(strength, 1.0) * 0.22 * noise / math.sqrt(self.dim))
         return torch.cat([shift, tril, factor])
 
-    def forward(self, theta: Tensor) -> Affine:
+    def parts(self, theta: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``(shift, diag, L, V)`` of the raw parameters: ``diag`` is the diagonal of ``L``."""
         shift, tril, factor = theta.split(self.sizes, dim=-1)
         d, r = self.dim, self.rank
-        tril_diag = F.softplus(tril[..., :d] + self.diag_offset) + self.eps
-        L = (torch.cat([tril_diag, tril[..., d:]], -1) @ self.scatter).unflatten(-1, (d, d))
-        V = factor.unflatten(-1, (d, r)) if r > 0 else None
-        return Affine(shift, L, V, validate=False, log_diag=tril_diag.log())
+        diag = F.softplus(tril[..., :d] + self.diag_offset) + self.eps
+        L = (torch.cat([diag, tril[..., d:]], -1) @ self.scatter).unflatten(-1, (d, d))
+        return shift, diag, L, factor.unflatten(-1, (d, r)) if r > 0 else None
+
+    def parts_backward(
+        self,
+        theta: Tensor,
+        grad_shift: Tensor,
+        grad_diag: Tensor,
+        grad_L: Tensor,
+        grad_V: Tensor | None,
+    ) -> Tensor:
+        """The gradient of :meth:`parts` with respect to ``theta``, given those of its outputs."""
+        d = self.dim
+        grad_tril = grad_L.flatten(-2) @ self.scatter.mT  # [diagonal, strictly lower]
+        # the diagonal is both an output and part of L; d softplus(u)/du = sigmoid(u)
+        sigmoid = torch.sigmoid(theta[..., d : 2 * d] + self.diag_offset)
+        grad_raw_diag = (grad_tril[..., :d] + grad_diag) * sigmoid
+        grads = [grad_shift, grad_raw_diag, grad_tril[..., d:]]
+        return torch.cat(grads + ([grad_V.flatten(-2)] if grad_V is not None else []), -1)
+
+    def forward(self, theta: Tensor) -> Affine:
+        shift, diag, L, V = self.parts(theta)
+        return Affine(shift, L, V, validate=False, log_diag=diag.log())
 
 
 class _PReLUParams(nn.Module):
@@ -386,49 +420,56 @@ class _FlowParams(nn.Module):
         return torch.cat([layer.init(generator, strength) for layer in self.chain])
 
     def forward(self, theta: Tensor, validate_args: bool | None) -> FlowDistribution:
-        chunks = theta.split(self.sizes, -1)
-        # All affine layers share one layout, and so do all nonlinear layers: build each kind in
-        # one call with a leading layer dimension, instead of one call per layer (on CPU the many
-        # tiny kernels of per-layer builds dominate a small policy's step).
-        affine = self.chain[0](torch.stack(chunks[0::2]))
-        nonlinear = self.chain[1](torch.stack(chunks[1::2])) if len(self.chain) > 1 else None
         shape = theta.shape[:-1] + (self.dim,)
         normal = Normal(self.zero.expand(shape), self.one.expand(shape), validate_args=False)
         base = Independent(normal, 1, validate_args=False)
-        return _LayeredFlowDistribution(base, affine, nonlinear, self.squash, validate_args)
+        return _LayeredFlowDistribution(self, theta, base, validate_args)
+
+    @property
+    def fused(self) -> bool:
+        """Whether one sample per parameter set can take :class:`_FusedPReLUFlow`."""
+        prelu = len(self.chain) == 1 or isinstance(self.chain[1], _PReLUParams)
+        return prelu and self.chain[0].rank <= 2
+
+    def transforms(self, theta: Tensor) -> list[Transform]:
+        """The chain of bijectors for raw parameters ``theta (..., P)``."""
+        chunks = theta.split(self.sizes, -1)
+        # All affine layers share one layout, and so do all nonlinear layers: build each kind in
+        # one call with a leading layer dimension and split it, instead of one call per layer
+        # (on CPU the many tiny kernels of per-layer builds dominate a small policy's step).
+        affines = _unbind_layers(self.chain[0](torch.stack(chunks[0::2])))
+        transforms: list[Transform] = [affines[0]]
+        if len(self.chain) > 1:
+            nonlinear = _unbind_layers(self.chain[1](torch.stack(chunks[1::2])))
+            for g, affine in zip(nonlinear, affines[1:]):
+                transforms += [g, affine]
+        if self.squash:
+            transforms.append(Tanh())
+        return transforms
 
 
 class _LayeredFlowDistribution(FlowDistribution):
-    """The :class:`FlowDistribution` of a :class:`_FlowParams` layout, whose bijectors hold every
-    layer's parameters with a leading layer dimension.
+    """The :class:`FlowDistribution` of a :class:`_FlowParams` layout and its raw parameters.
 
-    The per-layer bijectors are split off only when they are used; one sample per parameter set
-    (a policy's step) through an affine/PReLU chain takes the fused :class:`_PReLUChain`.
+    The bijectors are built only when they are used; one sample per parameter set (a policy's
+    step) through an affine/PReLU chain takes :class:`_FusedPReLUFlow` instead.
     """
 
     def __init__(
         self,
+        layout: _FlowParams,
+        theta: Tensor,
         base: Distribution,
-        affine: Affine,
-        nonlinear: Transform | None,
-        squash: bool,
         validate_args: bool | None,
     ) -> None:
-        self.affine, self.nonlinear, self.squash = affine, nonlinear, squash
+        self.layout, self.theta = layout, theta
         self._transforms: list[Transform] | None = None
         super().__init__(base, (), validate_args=validate_args)
 
     @property
     def transforms(self) -> list[Transform]:
         if self._transforms is None:
-            affines = _unbind_layers(self.affine)
-            transforms: list[Transform] = [affines[0]]
-            if self.nonlinear is not None:
-                for g, affine in zip(_unbind_layers(self.nonlinear), affines[1:]):
-                    transforms += [g, affine]
-            if self.squash:
-                transforms.append(Tanh())
-            self._transforms = transforms
+            self._transforms = self.layout.transforms(self.theta)
         return self._transforms
 
     @transforms.setter
@@ -438,40 +479,25 @@ class _LayeredFlowDistribution(FlowDistribution):
             raise AttributeError("the transforms of a flow module's distribution are its layers")
 
     def push_forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        prelu = self.nonlinear is None or isinstance(self.nonlinear, PReLU)
-        if z.shape[:-1] != self.batch_shape or not prelu:
+        if z.shape[:-1] != self.batch_shape or not self.layout.fused:
             return super().push_forward(z)
-        affine = self.affine
-
-        def flat(t: Tensor, event_dims: int) -> Tensor:  # (n, *batch, *event) -> (n, B, *event)
-            return t.reshape(t.shape[0], -1, *t.shape[t.dim() - event_dims :])
-
-        if self.nonlinear is None:
-            log_alpha = z.new_zeros(0, self.batch_shape.numel(), z.shape[-1])
-        else:
-            log_alpha = flat(self.nonlinear.log_alpha, 1)
-        factor = None if affine.factor is None else flat(affine.factor, 2)
-        x, ladj = _PReLUChain.apply(
-            z.reshape(-1, z.shape[-1]),
-            flat(affine.shift, 1),
-            flat(affine.scale_tril, 2),
-            factor,
-            log_alpha,
-            self.squash,
+        d = z.shape[-1]
+        x, ladj = _FusedPReLUFlow.apply(
+            z.reshape(-1, d), self.theta.reshape(-1, self.theta.shape[-1]), self.layout
         )
         # the base is the standard normal that _FlowParams built: its density without Normal's ops
-        log_base = z.pow(2).sum(-1).mul(-0.5).sub(0.5 * z.shape[-1] * _LOG_2PI)
-        log_prob = log_base - affine.log_det().sum(0) - ladj.reshape(z.shape[:-1])
-        return x.reshape(z.shape), log_prob
+        log_base = z.pow(2).sum(-1).mul(-0.5).sub(0.5 * d * _LOG_2PI)
+        return x.reshape(z.shape), log_base - ladj.reshape(z.shape[:-1])
 
     def rsample_and_log_prob(
         self, sample_shape: Size | Sequence[int] = ()
     ) -> tuple[Tensor, Tensor]:
         if Size(sample_shape):
             return super().rsample_and_log_prob(sample_shape)
-        shift = self.affine.shift  # the base is standard normal: draw it without Normal's ops
+        # the base is standard normal: draw it without Normal's ops
+        shape = self.batch_shape + self.event_shape
         return self.push_forward(
-            torch.randn(shift.shape[1:], dtype=shift.dtype, device=shift.device)
+            torch.randn(shape, dtype=self.theta.dtype, device=self.theta.device)
         )
 
     def rsample(self, sample_shape: Size | Sequence[int] = ()) -> Tensor:

@@ -198,7 +198,7 @@ def test_fused_policy_step_equals_the_chain_of_bijectors(squash, dim, layers, ra
             names |= graph(child) if child is not None else set()
         return names
 
-    assert "_PReLUChainBackward" in graph(cflow(context).push_forward(z)[0].grad_fn)
+    assert "_FusedPReLUFlowBackward" in graph(cflow(context).push_forward(z)[0].grad_fn)
     fused = values_and_grads(lambda dist, z: dist.push_forward(z))
     chain = values_and_grads(
         lambda dist, z: FlowDistribution(dist.base, dist.transforms).push_forward(z)
@@ -216,15 +216,13 @@ def test_fused_policy_step_equals_the_chain_of_bijectors(squash, dim, layers, ra
 
 
 @pytest.mark.parametrize("squash", [False, True])
-def test_fused_chain_passes_gradcheck(squash):
-    from flowpolicy.flows import _PReLUChain
+@pytest.mark.parametrize(("layers", "rank"), [(2, 2), (1, 1), (0, 0)])
+def test_fused_flow_passes_gradcheck(squash, layers, rank):
+    from flowpolicy.flows import _FusedPReLUFlow
 
-    B, d, r, K = 5, 3, 2, 2
-    z = torch.randn(B, d, requires_grad=True)
-    shift = torch.randn(K + 1, B, d, requires_grad=True)
-    L = (torch.randn(K + 1, B, d, d).tril() + 2 * torch.eye(d)).requires_grad_()
-    V = torch.randn(K + 1, B, d, r, requires_grad=True)
-    log_alpha = torch.randn(K, B, d, requires_grad=True)
+    flow = Flow(3, layers, rank, squash=squash, seed=0)
+    theta = (flow.theta + 0.3 * torch.randn(5, flow.theta.numel())).detach().requires_grad_()
+    z = torch.randn(5, 3, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda *inputs: _PReLUChain.apply(*inputs, squash), (z, shift, L, V, log_alpha)
+        lambda z, theta: _FusedPReLUFlow.apply(z, theta, flow.layout), (z, theta)
     )
