@@ -464,12 +464,15 @@ class _LayeredFlowDistribution(FlowDistribution):
     ) -> None:
         self.layout, self.theta = layout, theta
         self._transforms: list[Transform] | None = None
+        # built on first use, perhaps under no_grad (sample()): with the grad mode of creation
+        self._grad_enabled = torch.is_grad_enabled()
         super().__init__(base, (), validate_args=validate_args)
 
     @property
     def transforms(self) -> list[Transform]:
         if self._transforms is None:
-            self._transforms = self.layout.transforms(self.theta)
+            with torch.set_grad_enabled(self._grad_enabled):
+                self._transforms = self.layout.transforms(self.theta)
         return self._transforms
 
     @transforms.setter

@@ -226,3 +226,14 @@ def test_fused_flow_passes_gradcheck(squash, layers, rank):
     assert torch.autograd.gradcheck(
         lambda z, theta: _FusedPReLUFlow.apply(z, theta, flow.layout), (z, theta)
     )
+
+
+def test_bijectors_built_under_no_grad_still_carry_gradients():
+    """A module's distribution builds its bijectors on first use: sampling under no_grad first
+    (a score-function gradient) must not leave log_prob without a graph."""
+    cflow = ConditionalFlow(2, 3, layers=2, rank=1, hidden=(8,), nonlinearity="spline", seed=0)
+    dist = cflow(torch.randn(4, 3))
+    with torch.no_grad():
+        actions = dist.sample((5,))
+    dist.log_prob(actions).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in cflow.parameters())
