@@ -185,23 +185,23 @@ class _FusedPReLUFlow(torch.autograd.Function):
             ladj = ladj + capacitance_log_det(V).sum(0)
         alpha = log_alpha.exp().unsqueeze(-1)
         n, (B, d), r = L.shape[0], z.shape, 0 if V is None else V.shape[-1]
-        # every layer writes into one buffer per quantity (no stacking for the backward); vectors
-        # are columns (B, d, 1), so that every product is one batched matmul
-        states = z.new_empty(n, B, d, 1)  # the input of each affine layer
-        lows, mixed = z.new_empty(n, B, r, 1), z.new_empty(n, B, d, 1)
+        # every layer writes into one buffer per quantity of the docstring (no stacking for the
+        # backward); vectors are columns (B, d, 1), so that every product is one batched matmul
+        xs = z.new_empty(n, B, d, 1)  # the input of each affine layer
+        us, ws = z.new_empty(n, B, r, 1), z.new_empty(n, B, d, 1)
         masks = torch.empty(n - 1, B, d, 1, dtype=torch.bool, device=z.device)
-        states[0] = z.unsqueeze(-1)
+        xs[0] = z.unsqueeze(-1)
         for k in range(n):
-            x = states[k]
+            x = xs[k]
             if V is not None:
-                torch.bmm(V[k].mT, x, out=lows[k])
-                x = torch.baddbmm(x, V[k], lows[k], out=mixed[k])
+                torch.bmm(V[k].mT, x, out=us[k])
+                x = torch.baddbmm(x, V[k], us[k], out=ws[k])
             else:
-                mixed[k] = x
+                ws[k] = x
             x = torch.baddbmm(shift[k].unsqueeze(-1), L[k], x)
             if k < n - 1:
                 torch.lt(x, 0, out=masks[k])
-                torch.where(masks[k], alpha[k] * x, x, out=states[k + 1])
+                torch.where(masks[k], alpha[k] * x, x, out=xs[k + 1])
         x = x.squeeze(-1)
         if n > 1:
             ladj = ladj + torch.where(masks, log_alpha.unsqueeze(-1), 0.0).sum((0, 2, 3))
@@ -209,45 +209,44 @@ class _FusedPReLUFlow(torch.autograd.Function):
             ladj = ladj + Tanh._ladj(x)
             x = torch.tanh(x)
         ctx.layout = layout
-        ctx.save_for_backward(raw, diag, L, V, alpha, x, states, lows, mixed, masks)
+        ctx.save_for_backward(raw, diag, L, V, alpha, x, xs, us, ws, masks)
         return x, ladj
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_x, grad_ladj):
-        raw, diag, L, V, alpha, y, states, lows, mixed, masks = ctx.saved_tensors
+    def backward(ctx, grad_y, grad_ladj):
+        raw, diag, L, V, alpha, y, xs, us, ws, masks = ctx.saved_tensors
         layout = ctx.layout
-        g = grad_x
+        g = grad_y
         if layout.squash:
             g = g * (1 - y * y) - 2 * grad_ladj.unsqueeze(-1) * y
-        # grad_p[k]: of the output of affine layer k; grad_states[k]: of its input
-        grad_p, grad_states = torch.empty_like(mixed), torch.empty_like(states)
-        grad_w, grad_t = torch.empty_like(mixed), torch.empty_like(lows)
+        # grad_p[k]: of the output of affine layer k; grad_x[k]: of its input
+        grad_p, grad_x = torch.empty_like(ws), torch.empty_like(xs)
+        grad_w, grad_t = torch.empty_like(ws), torch.empty_like(us)
         grad_p[-1] = g.unsqueeze(-1)
         for k in reversed(range(L.shape[0])):
-            g = torch.bmm(L[k].mT, grad_p[k], out=grad_w[k] if V is not None else grad_states[k])
+            g = torch.bmm(L[k].mT, grad_p[k], out=grad_w[k] if V is not None else grad_x[k])
             if V is not None:
                 torch.bmm(V[k].mT, g, out=grad_t[k])
-                torch.baddbmm(g, V[k], grad_t[k], out=grad_states[k])
+                torch.baddbmm(g, V[k], grad_t[k], out=grad_x[k])
             if k > 0:
-                g = grad_states[k]
+                g = grad_x[k]
                 torch.where(masks[k - 1], alpha[k - 1] * g, g, out=grad_p[k - 1])
         grad_V = None
         if V is not None:
-            grad_V = grad_w * lows.mT + states * grad_t.mT
+            grad_V = grad_w * us.mT + xs * grad_t.mT
             grad_V = grad_V + grad_ladj[:, None, None] * capacitance_log_det_grad(V)
         grad_raw = layout.chain[0].parts_backward(
-            raw, grad_p.squeeze(-1), grad_ladj.unsqueeze(-1) / diag, grad_p * mixed.mT, grad_V
+            raw, grad_p.squeeze(-1), grad_ladj.unsqueeze(-1) / diag, grad_p * ws.mT, grad_V
         )
         grads = list(grad_raw.unbind())
         if L.shape[0] > 1:
             # of log a: the PReLU output x' = a p on the mask, and its log-det term
-            outputs = states[1:]
-            grad_log_alpha = grad_states[1:] * outputs + grad_ladj[:, None, None]
+            grad_log_alpha = grad_x[1:] * xs[1:] + grad_ladj[:, None, None]
             grad_log_alpha = torch.where(masks, grad_log_alpha, 0.0).squeeze(-1)
             for k, grad in enumerate(grad_log_alpha.unbind()):
                 grads.insert(2 * k + 1, grad)
-        return grad_states[0].squeeze(-1), torch.cat(grads, -1), None
+        return grad_x[0].squeeze(-1), torch.cat(grads, -1), None
 
 
 class _AffineParams(nn.Module):
