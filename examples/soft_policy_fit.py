@@ -20,14 +20,27 @@ unimodal onto one side before it splits).
 
 This isolates the actor from the critic (in full SAC the critic is learned from the actor's own
 data, DESIGN.md §5): the flow actor keeps both modes, the tanh-Gaussian actor takes one, or,
-at large :math:`\alpha`, straddles the gap. Both actors are state-conditioned networks, as in
-SAC, evaluated at one fixed state. Masses are exact (grid integration of the density,
-:func:`flowpolicy.diagnostics.side_mass`), and the KL to :math:`\pi^*` is computed with the exact
-:math:`\log Z` (grid integration of :math:`e^{Q/\alpha}` over the action square).
+at large :math:`\alpha`, straddles the gap.
+
+Each actor is fitted with two unbiased gradients of the same objective (``--gradients``):
+
+* ``reparam``, SAC's: :math:`\nabla_\theta \frac1n \sum_i \ell(a_i)` with
+  :math:`a_i = f_\theta(z_i)` and :math:`\ell = \alpha \log\pi - Q`. Once the modes are apart,
+  it sees their weights only through the few samples that the steep part of the map sends into
+  the gap, and at small :math:`\alpha` the split between the modes drifts until one is empty;
+* ``score``, the likelihood-ratio (REINFORCE) gradient with a leave-one-out baseline,
+  :math:`\frac1n \sum_i (\ell(a_i) - \bar\ell_{-i}) \nabla_\theta \log\pi_\theta(a_i)` with
+  the :math:`a_i` held fixed. A mode that holds too much mass has a higher :math:`\ell` there
+  (by :math:`\alpha \log(2w)`), so every sample carries the weights' gradient.
+
+Both actors are state-conditioned networks, as in SAC, evaluated at one fixed state. Masses are
+exact (grid integration of the density, :func:`flowpolicy.diagnostics.side_mass`), and the KL to
+:math:`\pi^*` is computed with the exact :math:`\log Z` (grid integration of :math:`e^{Q/\alpha}`
+over the action square).
 
 Run::
 
-    python examples/soft_policy_fit.py --out runs/soft_fit            # 3 seeds x 3 alphas
+    python examples/soft_policy_fit.py --out runs/soft_fit    # 3 seeds x 3 alphas x 2 gradients
     python examples/soft_policy_fit.py --out runs/soft_fit_tiny --tiny
 """
 
@@ -64,6 +77,8 @@ class Args:
     """seeds of the actors' initialization and sampling"""
     alphas: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])
     """entropy coefficients"""
+    gradients: list[str] = field(default_factory=lambda: ["reparam", "score"])
+    """gradient estimators of the objective: reparam (SAC's) and score (likelihood ratio)"""
     steps: int = 2000
     """Adam steps per fit"""
     alpha_start: float = 1.0
@@ -166,7 +181,27 @@ def log_partition(alpha: float, args: Args, resolution: int = 1000) -> float:
     return float(torch.logsumexp(q.flatten(), 0) + math.log(area))
 
 
-def fit(kind: str, alpha: float, seed: int, obs: torch.Tensor, args: Args) -> dict:
+def actor_loss(
+    actor: nn.Module, obs: torch.Tensor, alpha: float, gradient: str, args: Args
+) -> tuple[torch.Tensor, float]:
+    r"""A surrogate whose gradient is an unbiased estimate of that of
+    :math:`J = \mathbb{E}_\pi[\alpha \log \pi - Q]` (see the module docstring), and the
+    Monte-Carlo estimate of :math:`J` itself."""
+    dist = actor(obs)
+    if gradient == "reparam":
+        actions, log_prob = dist.rsample_and_log_prob((args.batch_size,))
+        loss = (alpha * log_prob - critic(actions, args)).mean()
+        return loss, loss.item()
+    with torch.no_grad():
+        actions = dist.sample((args.batch_size,))
+    log_prob = dist.log_prob(actions)
+    with torch.no_grad():
+        cost = alpha * log_prob - critic(actions, args)
+        baseline = (cost.sum() - cost) / (len(cost) - 1)  # the mean of the other samples
+    return ((cost - baseline) * log_prob).mean(), cost.mean().item()
+
+
+def fit(kind: str, gradient: str, alpha: float, seed: int, obs: torch.Tensor, args: Args) -> dict:
     actor = make_actor(kind, obs.shape[-1], args, seed)
     optimizer = torch.optim.Adam(actor.parameters(), lr=args.lr)
     torch.manual_seed(seed + 1000)
@@ -176,14 +211,15 @@ def fit(kind: str, alpha: float, seed: int, obs: torch.Tensor, args: Args) -> di
         # alpha_t: geometric from alpha_start to alpha over the first half, then alpha
         frac = min(1.0, 2 * step / max(args.steps, 1))
         alpha_t = alpha if args.alpha_start <= 0 else args.alpha_start ** (1 - frac) * alpha**frac
-        actions, log_prob = actor(obs).rsample_and_log_prob((args.batch_size,))
-        loss = (alpha_t * log_prob - critic(actions, args)).mean()
+        loss, objective = actor_loss(actor, obs, alpha_t, gradient, args)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{kind} alpha={alpha} seed={seed}: non-finite loss {loss}")
+            raise FloatingPointError(
+                f"{kind} ({gradient}) alpha={alpha} seed={seed}: non-finite loss {loss}"
+            )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
+        losses.append(objective)
     seconds = time.perf_counter() - start
     masses = side_mass(actor, obs, direction=(0.0, 1.0), gap=args.gap, resolution=args.resolution)
     # mass *on* each mode (a disc around it), which a broad Gaussian straddling the gap lacks
@@ -197,6 +233,7 @@ def fit(kind: str, alpha: float, seed: int, obs: torch.Tensor, args: Args) -> di
         kl = (log_prob - critic(actions, args) / alpha).mean().item() + log_partition(alpha, args)
     return {
         "kind": kind,
+        "gradient": gradient,
         "alpha": alpha,
         "seed": seed,
         "left": float(masses["left"][0]),
@@ -222,18 +259,22 @@ def main() -> None:
     obs = torch.tensor([[0.0, -1.0, 0.0, 1.0]])
 
     runs = []
-    jobs = [(k, a, s) for a in args.alphas for s in args.seeds for k in ("flow", "gaussian")]
-    for kind, alpha, seed in tqdm(jobs, desc="soft policy fits"):
-        runs.append(fit(kind, alpha, seed, obs, args))
+    actors = [(k, g) for k in ("flow", "gaussian") for g in args.gradients]
+    jobs = [(k, g, a, s) for a in args.alphas for s in args.seeds for k, g in actors]
+    for kind, gradient, alpha, seed in tqdm(jobs, desc="soft policy fits"):
+        runs.append(fit(kind, gradient, alpha, seed, obs, args))
 
-    # ---- summary: median over seeds of the mass per mode, per alpha and actor
+    # ---- summary: median over seeds of the mass per mode, per alpha, actor and gradient
     table = []
     for alpha in args.alphas:
-        for kind in ("flow", "gaussian"):
-            rows = [r for r in runs if r["kind"] == kind and r["alpha"] == alpha]
+        for kind, gradient in actors:
+            rows = [
+                r for r in runs if (r["kind"], r["gradient"], r["alpha"]) == (kind, gradient, alpha)
+            ]
             table.append(
                 {
                     "kind": kind,
+                    "gradient": gradient,
                     "alpha": alpha,
                     "median_minority_mass": float(np.median([r["minority"] for r in rows])),
                     "min_minority_mass": float(np.min([r["minority"] for r in rows])),
@@ -247,14 +288,23 @@ def main() -> None:
                     "min_mode_mass_per_seed": [min(r["mode_left"], r["mode_right"]) for r in rows],
                 }
             )
-    flow_time = np.median([r["seconds_per_step"] for r in runs if r["kind"] == "flow"])
-    gauss_time = np.median([r["seconds_per_step"] for r in runs if r["kind"] == "gaussian"])
+    step_time = {
+        f"{kind} {gradient}": float(
+            np.median(
+                [
+                    r["seconds_per_step"]
+                    for r in runs
+                    if (r["kind"], r["gradient"]) == (kind, gradient)
+                ]
+            )
+        )
+        for kind, gradient in actors
+    }
     summary = {
         "args": dataclasses.asdict(args),
         "table": table,
         "runs": [{k: v for k, v in r.items() if k != "actor"} for r in runs],
-        "seconds_per_step": {"flow": flow_time, "gaussian": gauss_time},
-        "time_ratio_flow_over_gaussian": flow_time / gauss_time,
+        "seconds_per_step": step_time,
         "boltzmann_mode_mass": {
             str(alpha): _boltzmann_mode_mass(alpha, args) for alpha in args.alphas
         },
@@ -266,33 +316,38 @@ def main() -> None:
         json.dump(summary, fh, indent=2)
 
     print(
-        f"\n{'actor':9s} {'alpha':>6s} {'minority (median)':>18s} {'min':>6s} {'gap':>6s} "
-        f"{'KL':>6s}  left mass per seed | mass on the less-held mode"
+        f"\n{'actor':9s} {'gradient':8s} {'alpha':>6s} {'minority (median)':>18s} {'min':>6s} "
+        f"{'gap':>6s} {'KL':>6s}  left mass per seed | mass on the less-held mode"
     )
     for row in table:
         print(
-            f"{row['kind']:9s} {row['alpha']:6.2f} {row['median_minority_mass']:18.3f} "
-            f"{row['min_minority_mass']:6.3f} {row['median_gap_mass']:6.3f} {row['median_kl']:6.3f}"
+            f"{row['kind']:9s} {row['gradient']:8s} {row['alpha']:6.2f} "
+            f"{row['median_minority_mass']:18.3f} {row['min_minority_mass']:6.3f} "
+            f"{row['median_gap_mass']:6.3f} {row['median_kl']:6.3f}"
             f"  {', '.join(f'{x:.3f}' for x in row['left_per_seed'])} | "
             f"{', '.join(f'{x:.3f}' for x in row['min_mode_mass_per_seed'])} "
             f"(pi*: {summary['boltzmann_mode_mass'][str(row['alpha'])]:.3f})"
         )
-    print(f"time per step flow/gaussian: {flow_time / gauss_time:.2f}")
+    print("ms per step: " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in step_time.items()))
 
-    # ---- figure: target vs flow vs Gaussian density, first seed, each alpha
+    # ---- figure: target and each actor's density, first seed, each alpha
+    columns = 1 + len(actors)
     fig, axes = plt.subplots(
-        len(args.alphas), 3, figsize=(9.5, 3.1 * len(args.alphas)), squeeze=False
+        len(args.alphas), columns, figsize=(3.2 * columns, 3.1 * len(args.alphas)), squeeze=False
     )
     points, area = action_grid(args.resolution)
     for i, alpha in enumerate(args.alphas):
         target = critic(points, args) / alpha - log_partition(alpha, args)
         panels = [("Boltzmann target exp(Q/α)/Z", target)]
-        for kind in ("flow", "gaussian"):
-            r = next(r for r in runs if r["kind"] == kind and r["alpha"] == alpha)
+        for kind, gradient in actors:
+            r = next(
+                r for r in runs if (r["kind"], r["gradient"], r["alpha"]) == (kind, gradient, alpha)
+            )
             log_prob = density_grid(r["actor"], obs, args.resolution)[0][0]
             panels.append(
                 (
-                    f"{kind}: left {r['left']:.2f} / right {r['right']:.2f}, gap {r['gap']:.2f}",
+                    f"{kind}, {gradient} gradient:\nleft {r['left']:.2f} / right {r['right']:.2f}, "
+                    f"gap {r['gap']:.2f}",
                     log_prob,
                 )
             )

@@ -44,8 +44,8 @@ def all_finite(value) -> bool:
 def test_soft_policy_fit(tmp_path):
     summary = run_example("soft_policy_fit.py", tmp_path)
     assert (tmp_path / "soft_policy_fit.png").stat().st_size > 0
-    kinds = {row["kind"] for row in summary["table"]}
-    assert kinds == {"flow", "gaussian"}
+    actors = {(row["kind"], row["gradient"]) for row in summary["table"]}
+    assert actors == {(k, g) for k in ("flow", "gaussian") for g in ("reparam", "score")}
     for run in summary["runs"]:
         assert run["left"] + run["right"] == pytest.approx(1.0, abs=0.05)
         assert 0.0 <= run["minority"] <= 0.5 + 1e-6
