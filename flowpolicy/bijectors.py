@@ -213,6 +213,15 @@ class Affine(Transform):
         return self._inverse(y), _expand_ladj(self.log_det(), y)
 
 
+def _gram_of_columns(factor: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The two columns ``f, g`` of a rank-2 factor and their Gram entries ``a = |f|^2,
+    b = f . g, c = |g|^2`` (summed over the last axis, kept): cheaper than a batched 2x2 matmul
+    on CPU."""
+    f, g = factor.unbind(-1)
+    a, b, c = ((u * v).sum(-1, keepdim=True) for u, v in ((f, f), (f, g), (g, g)))
+    return f, g, a, b, c
+
+
 def capacitance_log_det(factor: Tensor) -> Tensor:
     r""":math:`\log\det C` of the capacitance :math:`C = I_r + F^\top F` for rank
     :math:`r \le 2`, in closed form (no batched LAPACK call, which costs more at these sizes):
@@ -220,9 +229,8 @@ def capacitance_log_det(factor: Tensor) -> Tensor:
     entries :math:`a = |f|^2, b = f \cdot g, c = |g|^2` of the columns :math:`f, g`."""
     if factor.shape[-1] == 1:
         return torch.log1p(factor.pow(2).sum((-2, -1)))
-    f, g = factor.unbind(-1)  # the columns: cheaper than a batched 2x2 matmul on CPU
-    a, b, c = (f * f).sum(-1), (f * g).sum(-1), (g * g).sum(-1)
-    return torch.log((1 + a) * (1 + c) - b * b)
+    _, _, a, b, c = _gram_of_columns(factor)
+    return torch.log((1 + a) * (1 + c) - b * b).squeeze(-1)
 
 
 def capacitance_log_det_grad(factor: Tensor) -> Tensor:
@@ -231,12 +239,7 @@ def capacitance_log_det_grad(factor: Tensor) -> Tensor:
     \begin{pmatrix} 1 + c & -b \\ -b & 1 + a \end{pmatrix}`."""
     if factor.shape[-1] == 1:
         return 2 * factor / (1 + factor.pow(2).sum((-2, -1)))[..., None, None]
-    f, g = factor.unbind(-1)
-    a, b, c = (
-        (f * f).sum(-1, keepdim=True),
-        (f * g).sum(-1, keepdim=True),
-        (g * g).sum(-1, keepdim=True),
-    )
+    f, g, a, b, c = _gram_of_columns(factor)
     scale = 2 / ((1 + a) * (1 + c) - b * b)
     return torch.stack([scale * ((1 + c) * f - b * g), scale * ((1 + a) * g - b * f)], -1)
 
