@@ -174,64 +174,81 @@ class _FusedPReLUFlow(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z, theta, layout):
-        affine_params = layout.chain[0]
+    def run(z: Tensor, theta: Tensor, layout: _FlowParams) -> tuple[Tensor, Tensor, tuple]:
+        """The forward pass: ``(x, log-det, what the backward needs)``; no graph is recorded
+        here, so that without gradients it also serves as a plain function."""
         chunks = theta.split(layout.sizes, -1)
         raw = torch.stack(chunks[0::2])  # (K+1, B, P_affine): every affine layer at once
-        log_alpha = torch.stack(chunks[1::2]) if len(chunks) > 1 else theta.new_zeros(0, *z.shape)
-        shift, diag, L, V = affine_params.parts(raw)
+        shift, diag, L, V = layout.chain[0].parts(raw)
         ladj = diag.log().sum((0, -1))
         if V is not None:
             ladj = ladj + capacitance_log_det(V).sum(0)
-        alpha = log_alpha.exp().unsqueeze(-1)
         n, (B, d), r = L.shape[0], z.shape, 0 if V is None else V.shape[-1]
-        # every layer writes into one buffer per quantity of the docstring (no stacking for the
-        # backward); vectors are columns (B, d, 1), so that every product is one batched matmul
-        xs = z.new_empty(n, B, d, 1)  # the input of each affine layer
+        log_alpha = torch.stack(chunks[1::2]) if n > 1 else theta.new_zeros(0, B, d)
+        alpha = log_alpha.exp()
+        # vectors are columns (B, d, 1), so that every product is one batched matmul; u and w
+        # of every layer are written into one buffer each (no stacking for the backward)
         us, ws = z.new_empty(n, B, r, 1), z.new_empty(n, B, d, 1)
-        masks = torch.empty(n - 1, B, d, 1, dtype=torch.bool, device=z.device)
-        xs[0] = z.unsqueeze(-1)
+        L_k, shift_k, u_k, w_k = L.unbind(), shift.unsqueeze(-1).unbind(), us.unbind(), ws.unbind()
+        if V is not None:
+            V_k, VT_k = V.unbind(), V.mT.unbind()
+        alpha_k = alpha.flatten(1).unbind()
+        x = z.unsqueeze(-1)
+        xs = [x]  # the input of each affine layer
         for k in range(n):
-            x = xs[k]
             if V is not None:
-                torch.bmm(V[k].mT, x, out=us[k])
-                x = torch.baddbmm(x, V[k], us[k], out=ws[k])
+                torch.bmm(VT_k[k], x, out=u_k[k])
+                x = torch.baddbmm(x, V_k[k], u_k[k], out=w_k[k])
             else:
-                ws[k] = x
-            x = torch.baddbmm(shift[k].unsqueeze(-1), L[k], x)
+                w_k[k].copy_(x)
+            x = torch.baddbmm(shift_k[k], L_k[k], x)
             if k < n - 1:
-                torch.lt(x, 0, out=masks[k])
-                torch.where(masks[k], alpha[k] * x, x, out=xs[k + 1])
-        x = x.squeeze(-1)
+                # one slope per element: prelu's channels are dim 1 of a (1, B d) view
+                x = F.prelu(x.view(1, -1), alpha_k[k]).view(B, d, 1)
+                xs.append(x)
+        xs = torch.stack(xs)
+        masks = xs[1:] < 0  # PReLU keeps the sign of its input
         if n > 1:
             ladj = ladj + torch.where(masks, log_alpha.unsqueeze(-1), 0.0).sum((0, 2, 3))
+        x = x.squeeze(-1)
         if layout.squash:
             ladj = ladj + Tanh._ladj(x)
             x = torch.tanh(x)
+        return x, ladj, (raw, diag, L, V, alpha, x, xs, us, ws, masks)
+
+    @staticmethod
+    def forward(ctx, z, theta, layout):
+        x, ladj, saved = _FusedPReLUFlow.run(z, theta, layout)
         ctx.layout = layout
-        ctx.save_for_backward(raw, diag, L, V, alpha, x, xs, us, ws, masks)
+        ctx.save_for_backward(*saved)
         return x, ladj
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_ladj):
         raw, diag, L, V, alpha, y, xs, us, ws, masks = ctx.saved_tensors
-        layout = ctx.layout
+        layout, n = ctx.layout, L.shape[0]
         g = grad_y
         if layout.squash:
             g = g * (1 - y * y) - 2 * grad_ladj.unsqueeze(-1) * y
+        slopes = torch.where(masks, alpha.unsqueeze(-1), 1.0).unbind()  # of each PReLU
         # grad_p[k]: of the output of affine layer k; grad_x[k]: of its input
         grad_p, grad_x = torch.empty_like(ws), torch.empty_like(xs)
         grad_w, grad_t = torch.empty_like(ws), torch.empty_like(us)
-        grad_p[-1] = g.unsqueeze(-1)
-        for k in reversed(range(L.shape[0])):
-            g = torch.bmm(L[k].mT, grad_p[k], out=grad_w[k] if V is not None else grad_x[k])
+        grad_p_k, grad_x_k = grad_p.unbind(), grad_x.unbind()
+        grad_w_k, grad_t_k, LT_k = grad_w.unbind(), grad_t.unbind(), L.mT.unbind()
+        if V is not None:
+            V_k, VT_k = V.unbind(), V.mT.unbind()
+        grad_p_k[-1].copy_(g.unsqueeze(-1))
+        for k in reversed(range(n)):
             if V is not None:
-                torch.bmm(V[k].mT, g, out=grad_t[k])
-                torch.baddbmm(g, V[k], grad_t[k], out=grad_x[k])
+                g = torch.bmm(LT_k[k], grad_p_k[k], out=grad_w_k[k])
+                torch.bmm(VT_k[k], g, out=grad_t_k[k])
+                g = torch.baddbmm(g, V_k[k], grad_t_k[k], out=grad_x_k[k])
+            else:
+                g = torch.bmm(LT_k[k], grad_p_k[k], out=grad_x_k[k])
             if k > 0:
-                g = grad_x[k]
-                torch.where(masks[k - 1], alpha[k - 1] * g, g, out=grad_p[k - 1])
+                torch.mul(g, slopes[k - 1], out=grad_p_k[k - 1])
         grad_V = None
         if V is not None:
             grad_V = grad_w * us.mT + xs * grad_t.mT
@@ -240,7 +257,7 @@ class _FusedPReLUFlow(torch.autograd.Function):
             raw, grad_p.squeeze(-1), grad_ladj.unsqueeze(-1) / diag, grad_p * ws.mT, grad_V
         )
         grads = list(grad_raw.unbind())
-        if L.shape[0] > 1:
+        if n > 1:
             # of log a: the PReLU output x' = a p on the mask, and its log-det term
             grad_log_alpha = grad_x[1:] * xs[1:] + grad_ladj[:, None, None]
             grad_log_alpha = torch.where(masks, grad_log_alpha, 0.0).squeeze(-1)
@@ -265,11 +282,10 @@ class _AffineParams(nn.Module):
         n_tril = dim * (dim + 1) // 2
         self.sizes = (dim, n_tril, dim * rank)
         self.num_params = sum(self.sizes)
-        # L = [diag, strictly lower] @ scatter: a single matmul builds every L in the batch
+        # strictly lower entries @ scatter: one matmul places them in every L of the batch
         rows, cols = torch.tril_indices(dim, dim, offset=-1)
-        positions = torch.cat([torch.arange(dim) * (dim + 1), rows * dim + cols])
-        scatter = torch.zeros(n_tril, dim * dim)
-        scatter[torch.arange(n_tril), positions] = 1.0
+        scatter = torch.zeros(len(rows), dim * dim)
+        scatter[torch.arange(len(rows)), rows * dim + cols] = 1.0
         self.register_buffer("scatter", scatter, persistent=False)
         self.diag_offset = math.log(math.expm1(1.0 - self.eps))
 
@@ -287,8 +303,9 @@ class _AffineParams(nn.Module):
         shift, tril, factor = theta.split(self.sizes, dim=-1)
         d, r = self.dim, self.rank
         diag = F.softplus(tril[..., :d] + self.diag_offset) + self.eps
-        L = (torch.cat([diag, tril[..., d:]], -1) @ self.scatter).unflatten(-1, (d, d))
-        return shift, diag, L, factor.unflatten(-1, (d, r)) if r > 0 else None
+        L = tril[..., d:] @ self.scatter
+        L[..., :: d + 1] = diag  # the diagonal of the flattened d x d matrices
+        return shift, diag, L.unflatten(-1, (d, d)), factor.unflatten(-1, (d, r)) if r > 0 else None
 
     def parts_backward(
         self,
@@ -300,11 +317,11 @@ class _AffineParams(nn.Module):
     ) -> Tensor:
         """The gradient of :meth:`parts` with respect to ``theta``, given those of its outputs."""
         d = self.dim
-        grad_tril = grad_L.flatten(-2) @ self.scatter.mT  # [diagonal, strictly lower]
+        grad_lower = grad_L.flatten(-2) @ self.scatter.mT
         # the diagonal is both an output and part of L; d softplus(u)/du = sigmoid(u)
         sigmoid = torch.sigmoid(theta[..., d : 2 * d] + self.diag_offset)
-        grad_raw_diag = (grad_tril[..., :d] + grad_diag) * sigmoid
-        grads = [grad_shift, grad_raw_diag, grad_tril[..., d:]]
+        grad_raw_diag = (grad_L.diagonal(dim1=-2, dim2=-1) + grad_diag) * sigmoid
+        grads = [grad_shift, grad_raw_diag, grad_lower]
         return torch.cat(grads + ([grad_V.flatten(-2)] if grad_V is not None else []), -1)
 
     def forward(self, theta: Tensor) -> Affine:
@@ -484,9 +501,11 @@ class _LayeredFlowDistribution(FlowDistribution):
         if z.shape[:-1] != self.batch_shape or not self.layout.fused:
             return super().push_forward(z)
         d = z.shape[-1]
-        x, ladj = _FusedPReLUFlow.apply(
-            z.reshape(-1, d), self.theta.reshape(-1, self.theta.shape[-1]), self.layout
-        )
+        z2d, theta2d = z.reshape(-1, d), self.theta.reshape(-1, self.theta.shape[-1])
+        if torch.is_grad_enabled() and (z.requires_grad or self.theta.requires_grad):
+            x, ladj = _FusedPReLUFlow.apply(z2d, theta2d, self.layout)
+        else:  # acting: nothing to differentiate, so no autograd node and nothing saved
+            x, ladj, _ = _FusedPReLUFlow.run(z2d, theta2d, self.layout)
         # the base is the standard normal that _FlowParams built: its density without Normal's ops
         log_base = z.pow(2).sum(-1).mul(-0.5).sub(0.5 * d * _LOG_2PI)
         return x.reshape(z.shape), log_base - ladj.reshape(z.shape[:-1])

@@ -206,6 +206,10 @@ def test_fused_policy_step_equals_the_chain_of_bijectors(squash, dim, layers, ra
     assert fused[0].shape == (*batch, dim) and fused[1].shape == batch
     for a, b in zip(fused, chain):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+    with torch.no_grad():  # acting: the same forward, without an autograd node
+        x, log_prob = cflow(context).push_forward(z)
+    assert x.grad_fn is None
+    torch.testing.assert_close((x, log_prob), (fused[0].detach(), fused[1].detach()))
     # rsample_and_log_prob draws its noise and takes the same path
     torch.manual_seed(3)
     x, log_prob = cflow(context).rsample_and_log_prob()
