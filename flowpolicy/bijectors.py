@@ -233,15 +233,16 @@ def capacitance_log_det(factor: Tensor) -> Tensor:
     return torch.log((1 + a) * (1 + c) - b * b).squeeze(-1)
 
 
-def capacitance_log_det_grad(factor: Tensor) -> Tensor:
+def capacitance_log_det_grad(factor: Tensor) -> list[Tensor]:
     r"""The gradient of :func:`capacitance_log_det` with respect to :math:`F`,
-    :math:`2 F C^{-1}`, with the 2x2 inverse :math:`C^{-1} = \frac{1}{\det C}
-    \begin{pmatrix} 1 + c & -b \\ -b & 1 + a \end{pmatrix}`."""
+    :math:`2 F C^{-1}`, as a list of its columns (its users take one at a time), with the 2x2
+    inverse :math:`C^{-1} = \frac{1}{\det C} \begin{pmatrix} 1 + c & -b \\ -b & 1 + a
+    \end{pmatrix}`."""
     if factor.shape[-1] == 1:
-        return 2 * factor / (1 + factor.pow(2).sum((-2, -1)))[..., None, None]
+        return [2 * factor[..., 0] / (1 + factor.pow(2).sum((-2, -1)))[..., None]]
     f, g, a, b, c = _gram_of_columns(factor)
     scale = 2 / ((1 + a) * (1 + c) - b * b)
-    return torch.stack([scale * ((1 + c) * f - b * g), scale * ((1 + a) * g - b * f)], -1)
+    return [scale * ((1 + c) * f - b * g), scale * ((1 + a) * g - b * f)]
 
 
 class PReLU(Transform):

@@ -177,14 +177,13 @@ class _FusedPReLUFlow(torch.autograd.Function):
     def run(z: Tensor, theta: Tensor, layout: _FlowParams) -> tuple[Tensor, Tensor, tuple]:
         """The forward pass: ``(x, log-det, what the backward needs)``; no graph is recorded
         here, so that without gradients it also serves as a plain function."""
-        chunks = theta.split(layout.sizes, -1)
-        raw = torch.stack(chunks[0::2])  # (K+1, B, P_affine): every affine layer at once
+        # each kind of layer in one contiguous block: strided views slow every op that reads them
+        raw, log_alpha = (v.contiguous() for v in layout.layer_views(theta))
         shift, diag, L, V = layout.chain[0].parts(raw)
         ladj = diag.log().sum((0, -1))
         if V is not None:
             ladj = ladj + capacitance_log_det(V).sum(0)
         n, (B, d), r = L.shape[0], z.shape, 0 if V is None else V.shape[-1]
-        log_alpha = torch.stack(chunks[1::2]) if n > 1 else theta.new_zeros(0, B, d)
         alpha = log_alpha.exp()
         # vectors are columns (B, d, 1), so that every product is one batched matmul; u and w
         # of every layer are written into one buffer each (no stacking for the backward)
@@ -214,7 +213,7 @@ class _FusedPReLUFlow(torch.autograd.Function):
         if layout.squash:
             ladj = ladj + Tanh._ladj(x)
             x = torch.tanh(x)
-        return x, ladj, (raw, diag, L, V, alpha, x, xs, us, ws, masks)
+        return x, ladj, (theta, diag, L, V, alpha, x, xs, us, ws, masks)
 
     @staticmethod
     def forward(ctx, z, theta, layout):
@@ -226,8 +225,8 @@ class _FusedPReLUFlow(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_ladj):
-        raw, diag, L, V, alpha, y, xs, us, ws, masks = ctx.saved_tensors
-        layout, n = ctx.layout, L.shape[0]
+        theta, diag, L, V, alpha, y, xs, us, ws, masks = ctx.saved_tensors
+        layout, n, affine = ctx.layout, L.shape[0], ctx.layout.chain[0]
         g = grad_y
         if layout.squash:
             g = g * (1 - y * y) - 2 * grad_ladj.unsqueeze(-1) * y
@@ -251,19 +250,29 @@ class _FusedPReLUFlow(torch.autograd.Function):
                 torch.mul(g, slopes[k - 1], out=grad_p_k[k - 1])
         grad_V = None
         if V is not None:
-            grad_V = grad_w * us.mT + xs * grad_t.mT
-            grad_V = grad_V + grad_ladj[:, None, None] * capacitance_log_det_grad(V)
-        grad_raw = layout.chain[0].parts_backward(
-            raw, grad_p.squeeze(-1), grad_ladj.unsqueeze(-1) / diag, grad_p * ws.mT, grad_V
-        )
-        grads = list(grad_raw.unbind())
+            # column j of grad_w u^T + x t^T + 2 l V C^-1, from vectors (on CPU broadcast outer
+            # products cost more)
+            grad_w2, x2, u2, t2 = (v.squeeze(-1) for v in (grad_w, xs, us, grad_t))
+            columns = [
+                grad_w2 * u2[..., j, None] + x2 * t2[..., j, None] + grad_ladj[:, None] * column
+                for j, column in enumerate(capacitance_log_det_grad(V))
+            ]
+            grad_V = torch.stack(columns, -1)
+        # of L's strictly lower entries (grad_p w^T at them) and of its diagonal, which the
+        # log-det also holds
+        grad_p2, w2 = grad_p.squeeze(-1), ws.squeeze(-1)
+        grad_lower = grad_p2.index_select(-1, affine.rows) * w2.index_select(-1, affine.cols)
+        grad_diag = grad_p2 * w2 + grad_ladj[:, None] / diag
+        # written layer by layer into views of theta's gradient (no concatenation)
+        grad_theta = torch.empty_like(theta)
+        grad_affine, grad_log_alpha = layout.layer_views(grad_theta)
+        raw = layout.layer_views(theta)[0]
+        affine.parts_backward(raw, grad_p2, grad_diag, grad_lower, grad_V, out=grad_affine)
         if n > 1:
             # of log a: the PReLU output x' = a p on the mask, and its log-det term
-            grad_log_alpha = grad_x[1:] * xs[1:] + grad_ladj[:, None, None]
-            grad_log_alpha = torch.where(masks, grad_log_alpha, 0.0).squeeze(-1)
-            for k, grad in enumerate(grad_log_alpha.unbind()):
-                grads.insert(2 * k + 1, grad)
-        return grad_x[0].squeeze(-1), torch.cat(grads, -1), None
+            grad = (grad_x[1:] * xs[1:] + grad_ladj[:, None, None]).squeeze(-1)
+            torch.where(masks.squeeze(-1), grad, grad.new_zeros(()), out=grad_log_alpha)
+        return grad_x[0].squeeze(-1), grad_theta, None
 
 
 class _AffineParams(nn.Module):
@@ -287,6 +296,8 @@ class _AffineParams(nn.Module):
         scatter = torch.zeros(len(rows), dim * dim)
         scatter[torch.arange(len(rows)), rows * dim + cols] = 1.0
         self.register_buffer("scatter", scatter, persistent=False)
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
         self.diag_offset = math.log(math.expm1(1.0 - self.eps))
 
     def init(self, generator: torch.Generator, strength: float) -> Tensor:
@@ -300,29 +311,38 @@ class _AffineParams(nn.Module):
 
     def parts(self, theta: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """``(shift, diag, L, V)`` of the raw parameters: ``diag`` is the diagonal of ``L``."""
-        shift, tril, factor = theta.split(self.sizes, dim=-1)
+        shift, raw_diag, lower, factor = self.split(theta)
         d, r = self.dim, self.rank
-        diag = F.softplus(tril[..., :d] + self.diag_offset) + self.eps
-        L = tril[..., d:] @ self.scatter
+        diag = F.softplus(raw_diag + self.diag_offset) + self.eps
+        L = lower @ self.scatter
         L[..., :: d + 1] = diag  # the diagonal of the flattened d x d matrices
         return shift, diag, L.unflatten(-1, (d, d)), factor.unflatten(-1, (d, r)) if r > 0 else None
+
+    def split(self, theta: Tensor) -> tuple[Tensor, ...]:
+        """Views of the raw parameters: shift, raw diagonal, strictly lower entries, factor."""
+        d = self.dim
+        return theta.split((d, d, self.sizes[1] - d, self.sizes[2]), -1)
 
     def parts_backward(
         self,
         theta: Tensor,
         grad_shift: Tensor,
         grad_diag: Tensor,
-        grad_L: Tensor,
+        grad_lower: Tensor,
         grad_V: Tensor | None,
-    ) -> Tensor:
-        """The gradient of :meth:`parts` with respect to ``theta``, given those of its outputs."""
-        d = self.dim
-        grad_lower = grad_L.flatten(-2) @ self.scatter.mT
-        # the diagonal is both an output and part of L; d softplus(u)/du = sigmoid(u)
-        sigmoid = torch.sigmoid(theta[..., d : 2 * d] + self.diag_offset)
-        grad_raw_diag = (grad_L.diagonal(dim1=-2, dim2=-1) + grad_diag) * sigmoid
-        grads = [grad_shift, grad_raw_diag, grad_lower]
-        return torch.cat(grads + ([grad_V.flatten(-2)] if grad_V is not None else []), -1)
+        out: Tensor,
+    ) -> None:
+        """Write into ``out`` the gradient of :meth:`parts` with respect to ``theta``, given those
+        of the shift, of the diagonal of ``L`` (all of it: ``diag`` is both an output and in
+        ``L``), of the strictly lower entries of ``L`` (in the order of ``theta``) and of ``V``."""
+        out_shift, out_diag, out_lower, out_factor = self.split(out)
+        raw_diag = self.split(theta)[1]
+        out_shift.copy_(grad_shift)
+        # softplus' derivative is the sigmoid
+        torch.mul(grad_diag, torch.sigmoid(raw_diag + self.diag_offset), out=out_diag)
+        out_lower.copy_(grad_lower)
+        if grad_V is not None:
+            out_factor.copy_(grad_V.flatten(-2))
 
     def forward(self, theta: Tensor) -> Affine:
         shift, diag, L, V = self.parts(theta)
@@ -446,6 +466,17 @@ class _FlowParams(nn.Module):
         """Whether one sample per parameter set can take :class:`_FusedPReLUFlow`."""
         prelu = len(self.chain) == 1 or isinstance(self.chain[1], _PReLUParams)
         return prelu and self.chain[0].rank <= 2
+
+    def layer_views(self, theta: Tensor) -> tuple[Tensor, Tensor]:
+        """Views, without copies, of raw parameters ``theta (B, P)`` as every affine layer
+        ``(K+1, B, P_affine)`` and every nonlinear layer ``(K, B, P_nonlinear)``: the chain
+        alternates them, so each kind repeats with a period of ``P_affine + P_nonlinear``."""
+        size = self.sizes[0]
+        period = size + (self.sizes[1] if len(self.sizes) > 1 else 0)
+        affine = theta.unfold(-1, size, period).movedim(-2, 0)
+        if len(self.sizes) == 1:
+            return affine, theta.new_empty(0, theta.shape[0], self.dim)
+        return affine, theta[:, size:].unfold(-1, period - size, period).movedim(-2, 0)
 
     def transforms(self, theta: Tensor) -> list[Transform]:
         """The chain of bijectors for raw parameters ``theta (..., P)``."""
