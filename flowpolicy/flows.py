@@ -54,7 +54,9 @@ class FlowDistribution(Distribution):
     :param base: a distribution over vectors of size ``d`` (``event_shape == (d,)``).
     :param transforms: the chain, applied first to last; any ``torch.distributions.Transform``
         on vectors or scalars works, the bijectors of :mod:`flowpolicy.bijectors` use fused calls.
-    :param validate_args: check the values given to :meth:`log_prob` (shape, finiteness).
+    :param validate_args: check the values given to :meth:`log_prob` (shape, finiteness); a
+        flow module's distribution also checks that its parameters are finite. ``None``: torch's
+        default (on, unless ``Distribution.set_default_validate_args(False)``).
 
     Example:
         >>> dist = Flow(dim=2, layers=4)()
@@ -514,6 +516,11 @@ class _LayeredFlowDistribution(FlowDistribution):
         # built on first use, perhaps under no_grad (sample()): with the grad mode of creation
         self._grad_enabled = torch.is_grad_enabled()
         super().__init__(base, (), validate_args=validate_args)
+        if self._validate_args and not torch.isfinite(theta).all():
+            raise ValueError(
+                "the flow's parameters contain NaN or inf (from a non-finite context, or weights "
+                "that diverged in training)"
+            )
 
     @property
     def transforms(self) -> list[Transform]:
@@ -685,4 +692,7 @@ class ConditionalFlow(nn.Module):
                 f"ConditionalFlow: expected a context of shape (..., {self.context_dim}), "
                 f"got {tuple(context.shape)}"
             )
+        validate = Distribution._validate_args if validate_args is None else validate_args
+        if validate and not torch.isfinite(context).all():
+            raise ValueError("ConditionalFlow: the context contains NaN or inf")
         return self.layout(self.hyper(context), validate_args)

@@ -172,6 +172,18 @@ def test_bad_input_gets_clear_errors():
     cflow = ConditionalFlow(2, 4, hidden=())
     with pytest.raises(ValueError, match=r"context of shape \(\.\.\., 4\)"):
         cflow(torch.zeros(3, 5))
+    # a non-finite context or diverged parameters, not a silent NaN log-density
+    context = torch.zeros(3, 4)
+    context[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="context contains NaN or inf"):
+        cflow(context)
+    flow = Flow(2, layers=1)
+    with torch.no_grad():
+        flow.theta[0] = float("inf")
+    with pytest.raises(ValueError, match="parameters contain NaN or inf"):
+        flow()
+    # validation off (a policy's hot path): no check, no sync
+    assert torch.isnan(cflow(context, validate_args=False).rsample_and_log_prob()[1][1])
 
 
 @pytest.mark.parametrize("squash", [False, True])
