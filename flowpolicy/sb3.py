@@ -288,12 +288,14 @@ class FlowActor(BasePolicy):
         return data
 
     def action_distribution(
-        self, obs: PyTorchObs, validate_args: bool | None = False
+        self, obs: PyTorchObs, validate_args: bool | None = None
     ) -> FlowDistribution:
         r"""The flow over squashed actions :math:`\pi(\cdot \mid s)`, batch shape ``(n,)``.
 
         :param obs: Observations (a batch, as SB3 passes them).
-        :param validate_args: Check the values given to ``log_prob`` (shape, finiteness).
+        :param validate_args: Check that the flow's parameters are finite (a NaN observation
+            raises instead of giving NaN actions, as SB3's Gaussian does) and the values given to
+            ``log_prob`` (shape, finiteness). ``None``: torch's default (on).
         :return: The distribution; ``log_prob(actions)`` takes actions in ``(-1, 1)``.
         """
         features = self.extract_features(obs, self.features_extractor)
