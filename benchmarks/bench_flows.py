@@ -2,11 +2,12 @@
 
 1. ``rsample_and_log_prob`` for a batch of 256 contexts: our ``ConditionalFlow`` (dim 6, 4 layers,
    rank 2, context 17, hidden 256x256, PReLU and spline) against SB3's
-   ``SquashedDiagGaussianDistribution`` fed by the same MLP, and against zuko's MAF of similar
-   size; forward alone and forward + backward, under two cache conditions: interleaved (each
-   call follows the other candidates' calls, which evict its weights from cache, as the critic's
-   updates do between an actor's steps in SAC) and consecutive (blocks of calls of one model,
-   warm caches, as in a loop that times one model). The ratios differ by about 0.2x.
+   ``SquashedDiagGaussianDistribution`` fed by the same MLP, against zuko's MAF of similar size,
+   and against the flows' hypernetwork alone (the MLP whose head gives every flow parameter: the
+   floor of a flow's cost). Forward alone and forward + backward, under two cache conditions:
+   interleaved (each call follows the other candidates' calls, which evict its weights from
+   cache, as the critic's updates do between an actor's steps in SAC) and consecutive (blocks of
+   calls of one model, warm caches, as in a loop that times one model).
 2. ``log|det S|`` of the affine layer by the determinant lemma against ``torch.linalg.slogdet`` of
    the dense matrix, for d = 2 ... 64.
 
@@ -56,10 +57,16 @@ def candidates() -> dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch
     spline = ConditionalFlow(
         DIM, CONTEXT, LAYERS, RANK, HIDDEN, nonlinearity="spline", squash=True, seed=0
     )
+
+    def hypernetwork(c):  # the flow's floor: its MLP, whose head gives all 219 parameters
+        theta = prelu.hyper(c)
+        return theta[..., :DIM], theta.sum(-1)
+
     runs = {
         "SB3 SquashedDiagGaussian": sb3_gaussian,
         "ConditionalFlow prelu": lambda c: prelu(c, validate_args=False).rsample_and_log_prob(),
         "ConditionalFlow spline": lambda c: spline(c, validate_args=False).rsample_and_log_prob(),
+        "its hypernetwork alone (no flow)": hypernetwork,
     }
     try:
         import zuko
