@@ -446,6 +446,8 @@ class _FlowParams(nn.Module):
         self.chain = nn.ModuleList(chain)
         self.sizes = [layer.num_params for layer in chain]
         self.num_params = sum(self.sizes)
+        # whether one sample per parameter set can take _FusedPReLUFlow
+        self.fused = (nonlinearity == "prelu" or layers == 0) and rank <= 2
         self.register_buffer("zero", torch.zeros(dim), persistent=False)
         self.register_buffer("one", torch.ones(dim), persistent=False)
 
@@ -463,33 +465,27 @@ class _FlowParams(nn.Module):
         base = Independent(normal, 1, validate_args=False)
         return _LayeredFlowDistribution(self, theta, base, validate_args)
 
-    @property
-    def fused(self) -> bool:
-        """Whether one sample per parameter set can take :class:`_FusedPReLUFlow`."""
-        prelu = len(self.chain) == 1 or isinstance(self.chain[1], _PReLUParams)
-        return prelu and self.chain[0].rank <= 2
-
     def layer_views(self, theta: Tensor) -> tuple[Tensor, Tensor]:
-        """Views, without copies, of raw parameters ``theta (B, P)`` as every affine layer
-        ``(K+1, B, P_affine)`` and every nonlinear layer ``(K, B, P_nonlinear)``: the chain
+        """Views, without copies, of raw parameters ``theta (..., P)`` as every affine layer
+        ``(K+1, ..., P_affine)`` and every nonlinear layer ``(K, ..., P_nonlinear)``: the chain
         alternates them, so each kind repeats with a period of ``P_affine + P_nonlinear``."""
         size = self.sizes[0]
         period = size + (self.sizes[1] if len(self.sizes) > 1 else 0)
         affine = theta.unfold(-1, size, period).movedim(-2, 0)
         if len(self.sizes) == 1:
-            return affine, theta.new_empty(0, theta.shape[0], self.dim)
-        return affine, theta[:, size:].unfold(-1, period - size, period).movedim(-2, 0)
+            return affine, theta.new_empty(0, *theta.shape[:-1], self.dim)
+        return affine, theta[..., size:].unfold(-1, period - size, period).movedim(-2, 0)
 
     def transforms(self, theta: Tensor) -> list[Transform]:
         """The chain of bijectors for raw parameters ``theta (..., P)``."""
-        chunks = theta.split(self.sizes, -1)
         # All affine layers share one layout, and so do all nonlinear layers: build each kind in
         # one call with a leading layer dimension and split it, instead of one call per layer
         # (on CPU the many tiny kernels of per-layer builds dominate a small policy's step).
-        affines = _unbind_layers(self.chain[0](torch.stack(chunks[0::2])))
+        raw_affine, raw_nonlinear = self.layer_views(theta)
+        affines = _unbind_layers(self.chain[0](raw_affine.contiguous()))
         transforms: list[Transform] = [affines[0]]
         if len(self.chain) > 1:
-            nonlinear = _unbind_layers(self.chain[1](torch.stack(chunks[1::2])))
+            nonlinear = _unbind_layers(self.chain[1](raw_nonlinear.contiguous()))
             for g, affine in zip(nonlinear, affines[1:]):
                 transforms += [g, affine]
         if self.squash:
@@ -692,7 +688,9 @@ class ConditionalFlow(nn.Module):
                 f"ConditionalFlow: expected a context of shape (..., {self.context_dim}), "
                 f"got {tuple(context.shape)}"
             )
-        validate = Distribution._validate_args if validate_args is None else validate_args
-        if validate and not torch.isfinite(context).all():
-            raise ValueError("ConditionalFlow: the context contains NaN or inf")
-        return self.layout(self.hyper(context), validate_args)
+        try:  # the distribution checks its parameters; only a failure looks at the context
+            return self.layout(self.hyper(context), validate_args)
+        except ValueError:
+            if not torch.isfinite(context).all():
+                raise ValueError("ConditionalFlow: the context contains NaN or inf") from None
+            raise
