@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Size, Tensor
 from torch.distributions import Distribution, Independent, Normal, Transform, constraints
 
+from flowpolicy._compiled import cpu_kernel
 from flowpolicy.bijectors import (
     Affine,
     PReLU,
@@ -43,6 +44,7 @@ __all__ = ["ConditionalFlow", "Flow", "FlowDistribution"]
 
 NONLINEARITIES = ("prelu", "spline")
 _LOG_2PI = math.log(2 * math.pi)
+_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 class FlowDistribution(Distribution):
@@ -277,6 +279,26 @@ class _FusedPReLUFlow(torch.autograd.Function):
         return grad_x[0].squeeze(-1), grad_theta, None
 
 
+class _CompiledPReLUFlow(torch.autograd.Function):
+    """:class:`_FusedPReLUFlow` on the CPU through the compiled kernel of ``csrc/prelu_flow.cpp``:
+    the same maths and layout, the arithmetic of each sample in one loop through the chain."""
+
+    @staticmethod
+    def forward(ctx, z, theta, layout):
+        x, ladj, *saved = cpu_kernel().prelu_flow_forward(z, theta, *layout.kernel_config)
+        ctx.layout = layout
+        ctx.save_for_backward(theta, x, *saved)
+        return x, ladj
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_x, grad_ladj):
+        grad_z, grad_theta = cpu_kernel().prelu_flow_backward(
+            grad_x, grad_ladj, *ctx.saved_tensors, *ctx.layout.kernel_config
+        )
+        return grad_z, grad_theta, None
+
+
 class _AffineParams(nn.Module):
     r"""Raw vector :math:`\theta` of size :math:`d + d(d+1)/2 + d r` to an :class:`Affine`.
 
@@ -446,8 +468,12 @@ class _FlowParams(nn.Module):
         self.chain = nn.ModuleList(chain)
         self.sizes = [layer.num_params for layer in chain]
         self.num_params = sum(self.sizes)
-        # whether one sample per parameter set can take _FusedPReLUFlow
+        # whether one sample per parameter set can take the fused step (_CompiledPReLUFlow on
+        # the CPU, _FusedPReLUFlow elsewhere)
         self.fused = (nonlinearity == "prelu" or layers == 0) and rank <= 2
+        # the layout as the compiled kernel takes it (csrc/prelu_flow.cpp)
+        affine = self.chain[0]
+        self.kernel_config = (rank, layers, squash, affine.diag_offset, affine.eps)
         self.register_buffer("zero", torch.zeros(dim), persistent=False)
         self.register_buffer("one", torch.ones(dim), persistent=False)
 
@@ -460,10 +486,7 @@ class _FlowParams(nn.Module):
         return torch.cat([layer.init(generator, strength) for layer in self.chain])
 
     def forward(self, theta: Tensor, validate_args: bool | None) -> FlowDistribution:
-        shape = theta.shape[:-1] + (self.dim,)
-        normal = Normal(self.zero.expand(shape), self.one.expand(shape), validate_args=False)
-        base = Independent(normal, 1, validate_args=False)
-        return _LayeredFlowDistribution(self, theta, base, validate_args)
+        return _LayeredFlowDistribution(self, theta, validate_args)
 
     def layer_views(self, theta: Tensor) -> tuple[Tensor, Tensor]:
         """Views, without copies, of raw parameters ``theta (..., P)`` as every affine layer
@@ -496,27 +519,33 @@ class _FlowParams(nn.Module):
 class _LayeredFlowDistribution(FlowDistribution):
     """The :class:`FlowDistribution` of a :class:`_FlowParams` layout and its raw parameters.
 
-    The bijectors are built only when they are used; one sample per parameter set (a policy's
-    step) through an affine/PReLU chain takes :class:`_FusedPReLUFlow` instead.
+    The base and the bijectors are built only when they are used; one sample per parameter set
+    (a policy's step) through an affine/PReLU chain takes the compiled kernel on the CPU
+    (:class:`_CompiledPReLUFlow`) and :class:`_FusedPReLUFlow` elsewhere instead.
     """
 
-    def __init__(
-        self,
-        layout: _FlowParams,
-        theta: Tensor,
-        base: Distribution,
-        validate_args: bool | None,
-    ) -> None:
+    def __init__(self, layout: _FlowParams, theta: Tensor, validate_args: bool | None) -> None:
         self.layout, self.theta = layout, theta
         self._transforms: list[Transform] | None = None
+        self._base: Distribution | None = None
         # built on first use, perhaps under no_grad (sample()): with the grad mode of creation
         self._grad_enabled = torch.is_grad_enabled()
-        super().__init__(base, (), validate_args=validate_args)
+        # the base is built on first use too: a policy's step draws it without Normal's ops
+        Distribution.__init__(self, theta.shape[:-1], (layout.dim,), validate_args=validate_args)
         if self._validate_args and not torch.isfinite(theta).all():
             raise ValueError(
                 "the flow's parameters contain NaN or inf (from a non-finite context, or weights "
                 "that diverged in training)"
             )
+
+    @property
+    def base(self) -> Distribution:
+        """The standard normal base over R^d."""
+        if self._base is None:
+            shape = self.batch_shape + self.event_shape
+            zero, one = self.layout.zero.expand(shape), self.layout.one.expand(shape)
+            self._base = Independent(Normal(zero, one, validate_args=False), 1, validate_args=False)
+        return self._base
 
     @property
     def transforms(self) -> list[Transform]:
@@ -525,18 +554,18 @@ class _LayeredFlowDistribution(FlowDistribution):
                 self._transforms = self.layout.transforms(self.theta)
         return self._transforms
 
-    @transforms.setter
-    def transforms(self, value: Sequence[Transform]) -> None:
-        # FlowDistribution.__init__ assigns the chain it is given (none): this one builds its own
-        if value:
-            raise AttributeError("the transforms of a flow module's distribution are its layers")
-
     def push_forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         if z.shape[:-1] != self.batch_shape or not self.layout.fused:
             return super().push_forward(z)
         d = z.shape[-1]
         z2d, theta2d = z.reshape(-1, d), self.theta.reshape(-1, self.theta.shape[-1])
-        if torch.is_grad_enabled() and (z.requires_grad or self.theta.requires_grad):
+        grad = torch.is_grad_enabled() and (z.requires_grad or self.theta.requires_grad)
+        kernel = cpu_kernel() if z.device.type == "cpu" and z.dtype in _KERNEL_DTYPES else None
+        if kernel is not None and grad:
+            x, ladj = _CompiledPReLUFlow.apply(z2d, theta2d, self.layout)
+        elif kernel is not None:
+            x, ladj, *_ = kernel.prelu_flow_forward(z2d, theta2d, *self.layout.kernel_config)
+        elif grad:
             x, ladj = _FusedPReLUFlow.apply(z2d, theta2d, self.layout)
         else:  # acting: nothing to differentiate, so no autograd node and nothing saved
             x, ladj, _ = _FusedPReLUFlow.run(z2d, theta2d, self.layout)

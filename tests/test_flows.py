@@ -1,12 +1,13 @@
 """Tests of the flow distributions: normalization, exact densities, gradients, errors."""
 
 import math
+import shutil
 
 import pytest
 import torch
 from torch.distributions import ExpTransform, Independent, LogNormal, Normal
 
-from flowpolicy import ConditionalFlow, Flow, FlowDistribution
+from flowpolicy import ConditionalFlow, Flow, FlowDistribution, _compiled, flows
 
 NONLINEARITIES = ["prelu", "spline"]
 
@@ -186,10 +187,25 @@ def test_bad_input_gets_clear_errors():
     assert torch.isnan(cflow(context, validate_args=False).rsample_and_log_prob()[1][1])
 
 
+@pytest.fixture(params=["compiled", "pytorch"])
+def policy_step(request, monkeypatch):
+    """Each implementation of the fused policy step on the CPU, by the name of its autograd node:
+    the compiled kernel (csrc/prelu_flow.cpp) and the PyTorch one it falls back to."""
+    if request.param == "pytorch":
+        monkeypatch.setattr(flows, "cpu_kernel", lambda: None)
+        return flows._FusedPReLUFlow
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the kernel cannot be built here")
+    assert _compiled.cpu_kernel() is not None, "the CPU kernel did not build"
+    return flows._CompiledPReLUFlow
+
+
 @pytest.mark.parametrize("squash", [False, True])
 @pytest.mark.parametrize(("dim", "layers", "rank"), [(1, 1, 1), (3, 0, 2), (3, 3, 0), (6, 4, 2)])
-@pytest.mark.parametrize("batch", [(7,), (2, 3)])
-def test_fused_policy_step_equals_the_chain_of_bijectors(squash, dim, layers, rank, batch):
+@pytest.mark.parametrize("batch", [(7,), (2, 3), (1,)])
+def test_fused_policy_step_equals_the_chain_of_bijectors(
+    squash, dim, layers, rank, batch, policy_step
+):
     """One sample per state takes the hand-written forward and backward of the affine/PReLU
     chain: values and every parameter's gradient equal autograd through the bijectors."""
     cflow = ConditionalFlow(dim, 4, layers, rank, hidden=(16,), squash=squash, seed=1)
@@ -210,7 +226,7 @@ def test_fused_policy_step_equals_the_chain_of_bijectors(squash, dim, layers, ra
             names |= graph(child) if child is not None else set()
         return names
 
-    assert "_FusedPReLUFlowBackward" in graph(cflow(context).push_forward(z)[0].grad_fn)
+    assert f"{policy_step.__name__}Backward" in graph(cflow(context).push_forward(z)[0].grad_fn)
     fused = values_and_grads(lambda dist, z: dist.push_forward(z))
     chain = values_and_grads(
         lambda dist, z: FlowDistribution(dist.base, dist.transforms).push_forward(z)
@@ -233,15 +249,60 @@ def test_fused_policy_step_equals_the_chain_of_bijectors(squash, dim, layers, ra
 
 @pytest.mark.parametrize("squash", [False, True])
 @pytest.mark.parametrize(("layers", "rank"), [(2, 2), (1, 1), (0, 0)])
-def test_fused_flow_passes_gradcheck(squash, layers, rank):
-    from flowpolicy.flows import _FusedPReLUFlow
-
+def test_fused_flow_passes_gradcheck(squash, layers, rank, policy_step):
     flow = Flow(3, layers, rank, squash=squash, seed=0)
     theta = (flow.theta + 0.3 * torch.randn(5, flow.theta.numel())).detach().requires_grad_()
     z = torch.randn(5, 3, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda z, theta: _FusedPReLUFlow.apply(z, theta, flow.layout), (z, theta)
+        lambda z, theta: policy_step.apply(z, theta, flow.layout), (z, theta)
     )
+
+
+@pytest.mark.parametrize(("dim", "layers", "rank"), [(2, 1, 2), (6, 4, 2), (17, 3, 1), (5, 2, 0)])
+@pytest.mark.parametrize("squash", [False, True])
+def test_compiled_policy_step_equals_the_pytorch_one(dim, layers, rank, squash, policy_step):
+    """Both implementations agree to rounding on values and gradients, far from the initial
+    flow (raw parameters of every sign and size), in float64 and in float32 (there relative to
+    each tensor's norm: large scales compound over layers, and rounding with them)."""
+    if policy_step is flows._FusedPReLUFlow:
+        return  # compared below, as the reference
+    flow = Flow(dim, layers, rank, squash=squash, seed=2)
+    g = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        flow.to(dtype)
+        noise = torch.randn(64, flow.theta.numel(), generator=g, dtype=dtype)
+        theta = (flow.theta.detach() + noise).requires_grad_()
+        z = torch.randn(64, dim, generator=g, dtype=dtype, requires_grad=True)
+        weights = torch.randn(64, dim, generator=g, dtype=dtype), torch.randn(64, dtype=dtype)
+        results = []
+        for step in (flows._CompiledPReLUFlow, flows._FusedPReLUFlow):
+            x, ladj = step.apply(z, theta, flow.layout)
+            loss = (x * weights[0]).sum() + (ladj * weights[1]).sum()
+            results.append((x, ladj, *torch.autograd.grad(loss, (z, theta))))
+        for a, b in zip(*results):
+            assert torch.linalg.vector_norm(a - b) <= tol * torch.linalg.vector_norm(b)
+
+
+def test_cpu_kernel_falls_back_to_pytorch_with_a_warning(monkeypatch):
+    """No compiler (or a failed build): one warning, and flows run on the PyTorch path."""
+
+    def fail():
+        raise OSError("no C++ compiler")
+
+    monkeypatch.setattr(_compiled, "_load", fail)
+    _compiled.cpu_kernel.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="could not build the CPU flow kernel.*compiler"):
+            assert _compiled.cpu_kernel() is None
+        cflow = ConditionalFlow(2, 3, layers=2, rank=1, hidden=(8,), seed=0)
+        x, log_prob = cflow(torch.randn(4, 3)).rsample_and_log_prob()
+        assert type(x.grad_fn.next_functions[0][0]).__name__ == "_FusedPReLUFlowBackward"
+        monkeypatch.setenv("FLOWPOLICY_CPU_KERNEL", "0")  # switched off: no attempt at all
+        _compiled.cpu_kernel.cache_clear()
+        monkeypatch.setattr(_compiled, "_load", lambda: pytest.fail("tried to build"))
+        assert _compiled.cpu_kernel() is None
+    finally:
+        _compiled.cpu_kernel.cache_clear()
 
 
 def test_bijectors_built_under_no_grad_still_carry_gradients():
