@@ -2,10 +2,11 @@
 
 On the CPU a small flow's step in eager PyTorch is ~60 tiny kernels, each costing 3-10 µs
 whatever its size; the compiled loop takes each sample through the whole chain at once. It is
-built with torch's C++ extension tools on first use (about 10 s, once per machine: the library is
-cached under a hash of its source, torch's version and the flags) and loaded from the cache after
-that. Without a C++ compiler, or with ``FLOWPOLICY_CPU_KERNEL=0``, :func:`cpu_kernel` returns
-``None`` and flows take the PyTorch implementation (the same maths, slower per call).
+built with torch's C++ extension tools on first use (about 10 s, once per machine) and cached in
+torch's folder of extensions (``$TORCH_EXTENSIONS_DIR``, or ``~/.cache/torch_extensions``) under a
+hash of its source, torch's version and the flags. Without a C++ compiler, or with
+``FLOWPOLICY_CPU_KERNEL=0``, :func:`cpu_kernel` returns ``None`` and flows take the PyTorch
+implementation: the same maths, slower on the CPU.
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ def cpu_kernel() -> object | None:
         with _BUILD_LOCK:  # threads of one process: one build (a second one finds it cached)
             _load()
     except Exception as error:  # no compiler, no ninja, a read-only cache: all mean "fall back"
+        lines = str(error).splitlines() or [type(error).__name__]
+        reason = next((line for line in lines if "error:" in line), lines[0])  # the compiler's
         warnings.warn(
-            f"flowpolicy: could not build the CPU flow kernel ({type(error).__name__}: {error}); "
-            "flows use the PyTorch implementation, the same maths at about twice the cost per "
-            "policy step. Set FLOWPOLICY_CPU_KERNEL=0 to skip the attempt.",
+            f"flowpolicy: could not build the CPU flow kernel ({reason.strip()[:300]}); flows "
+            "use the PyTorch implementation, the same maths, slower on the CPU. Set "
+            "FLOWPOLICY_CPU_KERNEL=0 to skip the attempt.",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -57,7 +60,8 @@ def _load() -> None:
         SOURCE.read_bytes() + torch.__version__.encode() + " ".join(FLAGS).encode()
     ).hexdigest()[:16]
     name = f"flowpolicy_prelu_flow_{key}"
-    library = Path(cpp_extension.get_default_build_root()) / f"{name}.so"
+    cache = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    library = Path(cache) / f"{name}.so"
     if library.exists():
         torch.ops.load_library(str(library))
         return
