@@ -61,11 +61,12 @@ at::Tensor contiguous_copy(const at::Tensor& view) {
   return view.clone(at::MemoryFormat::Contiguous);
 }
 
-// The Gram entries a = |f|^2, b = f . g, c = |g|^2 of the factor's columns f, g (rank <= 2).
+// The Gram entries a = |f|^2, b = f . g, c = |g|^2 of the factor's columns f, g (rank <= 2;
+// zero without a factor).
 template <typename T>
 void gram(const T* f, int64_t d, int64_t r, T& a, T& b, T& c) {
   a = b = c = 0;
-  for (int64_t i = 0; i < d; ++i) {
+  for (int64_t i = 0; r > 0 && i < d; ++i) {
     a += f[i * r] * f[i * r];
     if (r == 2) {
       b += f[2 * i] * f[2 * i + 1];
