@@ -187,16 +187,24 @@ def test_bad_input_gets_clear_errors():
     assert torch.isnan(cflow(context, validate_args=False).rsample_and_log_prob()[1][1])
 
 
+@pytest.fixture
+def kernel():
+    """The compiled CPU kernel (csrc/prelu_flow.cpp): it must build wherever there is a compiler."""
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the kernel cannot be built here")
+    ops = _compiled.cpu_kernel()
+    assert ops is not None, "the CPU kernel did not build"
+    return ops
+
+
 @pytest.fixture(params=["compiled", "pytorch"])
 def policy_step(request, monkeypatch):
-    """Each implementation of the fused policy step on the CPU, by the name of its autograd node:
-    the compiled kernel (csrc/prelu_flow.cpp) and the PyTorch one it falls back to."""
+    """Each implementation of the fused policy step on the CPU (its autograd Function): the
+    compiled kernel and the PyTorch one it falls back to."""
     if request.param == "pytorch":
         monkeypatch.setattr(flows, "cpu_kernel", lambda: None)
         return flows._FusedPReLUFlow
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler: the kernel cannot be built here")
-    assert _compiled.cpu_kernel() is not None, "the CPU kernel did not build"
+    request.getfixturevalue("kernel")
     return flows._CompiledPReLUFlow
 
 
@@ -260,12 +268,10 @@ def test_fused_flow_passes_gradcheck(squash, layers, rank, policy_step):
 
 @pytest.mark.parametrize(("dim", "layers", "rank"), [(2, 1, 2), (6, 4, 2), (17, 3, 1), (5, 2, 0)])
 @pytest.mark.parametrize("squash", [False, True])
-def test_compiled_policy_step_equals_the_pytorch_one(dim, layers, rank, squash, policy_step):
+def test_compiled_policy_step_equals_the_pytorch_one(dim, layers, rank, squash, kernel):
     """Both implementations agree to rounding on values and gradients, far from the initial
     flow (raw parameters of every sign and size), in float64 and in float32 (there relative to
     each tensor's norm: large scales compound over layers, and rounding with them)."""
-    if policy_step is flows._FusedPReLUFlow:
-        return  # compared below, as the reference
     flow = Flow(dim, layers, rank, squash=squash, seed=2)
     g = torch.Generator().manual_seed(0)
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
@@ -281,6 +287,17 @@ def test_compiled_policy_step_equals_the_pytorch_one(dim, layers, rank, squash, 
             results.append((x, ladj, *torch.autograd.grad(loss, (z, theta))))
         for a, b in zip(*results):
             assert torch.linalg.vector_norm(a - b) <= tol * torch.linalg.vector_norm(b)
+
+
+def test_cpu_kernel_is_built_once_and_then_loaded_from_the_cache(monkeypatch, kernel):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "load", lambda *args, **kwargs: pytest.fail("rebuilt"))
+    _compiled.cpu_kernel.cache_clear()
+    try:
+        assert _compiled.cpu_kernel() is not None
+    finally:
+        _compiled.cpu_kernel.cache_clear()
 
 
 def test_cpu_kernel_falls_back_to_pytorch_with_a_warning(monkeypatch):
