@@ -186,7 +186,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prelu_flo
   const Layout s = make_layout(z_, theta_, rank, layers, squash, diag_offset, eps);
   const at::Tensor z = z_.contiguous(), theta = theta_.contiguous();
   const int64_t batch = z.size(0), P = theta.size(1), d = s.d;
-  const at::Tensor diag = at::softplus(contiguous_copy(raw_diagonals(theta, s)).add_(diag_offset)).add_(eps);
+  const at::Tensor raw_diag = contiguous_copy(raw_diagonals(theta, s)).add_(diag_offset);
+  const at::Tensor diag = at::softplus(raw_diag).add_(eps);
   const at::Tensor alpha = contiguous_copy(log_slopes(theta, s)).exp_();
   at::Tensor trace = at::empty({batch, s.n, s.stride()}, z.options());
   at::Tensor cap = at::empty({batch, s.n}, z.options()), p = at::empty_like(z);
@@ -229,7 +230,8 @@ std::tuple<at::Tensor, at::Tensor> prelu_flow_backward(
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "prelu_flow_backward", [&] {
     const scalar_t *tp = theta.const_data_ptr<scalar_t>(), *dp = diag.const_data_ptr<scalar_t>();
     const scalar_t *sp = sigmoid.const_data_ptr<scalar_t>(), *ap = alpha.const_data_ptr<scalar_t>();
-    const scalar_t *trp = trace.const_data_ptr<scalar_t>(), *glp = grad_ladj.const_data_ptr<scalar_t>();
+    const scalar_t* trp = trace.const_data_ptr<scalar_t>();
+    const scalar_t* glp = grad_ladj.const_data_ptr<scalar_t>();
     scalar_t *gp = g.mutable_data_ptr<scalar_t>(), *gwp = gw.mutable_data_ptr<scalar_t>();
     scalar_t* gtp = grad_theta.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, batch, 64, [&](int64_t begin, int64_t end) {
