@@ -25,8 +25,6 @@ import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "prelu_flow.cpp"
 FLAGS = ["-O3"]
-
-
 _BUILD_LOCK = threading.Lock()
 
 
