@@ -52,6 +52,8 @@ def cpu_kernel() -> object | None:
 
 
 def _load() -> None:
+    if hasattr(torch.ops.flowpolicy, "prelu_flow_forward"):
+        return  # loaded already: a second copy of the library would register its ops again
     from torch.utils import cpp_extension
 
     key = hashlib.sha256(

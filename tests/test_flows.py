@@ -1,7 +1,10 @@
 """Tests of the flow distributions: normalization, exact densities, gradients, errors."""
 
 import math
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -289,15 +292,31 @@ def test_compiled_policy_step_equals_the_pytorch_one(dim, layers, rank, squash, 
             assert torch.linalg.vector_norm(a - b) <= tol * torch.linalg.vector_norm(b)
 
 
-def test_cpu_kernel_is_built_once_and_then_loaded_from_the_cache(monkeypatch, kernel):
-    from torch.utils import cpp_extension
-
-    monkeypatch.setattr(cpp_extension, "load", lambda *args, **kwargs: pytest.fail("rebuilt"))
-    _compiled.cpu_kernel.cache_clear()
-    try:
-        assert _compiled.cpu_kernel() is not None
-    finally:
-        _compiled.cpu_kernel.cache_clear()
+def test_cpu_kernel_builds_into_an_empty_cache_and_later_processes_load_it(tmp_path, kernel):
+    """As on a new machine: the first process builds the library into the cache (only the
+    library is left there) and may ask for it again; the next process loads it, no build."""
+    first_use = """
+import torch
+from flowpolicy import ConditionalFlow, _compiled
+assert _compiled.cpu_kernel() is not None
+_compiled.cpu_kernel.cache_clear()  # asked again: must not load a second copy of the library
+assert _compiled.cpu_kernel() is not None
+ConditionalFlow(2, 3, layers=1, rank=1, hidden=(8,))(torch.randn(4, 3)).rsample_and_log_prob()
+"""
+    cached = """
+from torch.utils import cpp_extension
+def rebuilt(*args, **kwargs):
+    raise SystemExit("built again instead of loaded from the cache")
+cpp_extension.load = rebuilt
+from flowpolicy import _compiled
+assert _compiled.cpu_kernel() is not None
+"""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    for code in (first_use, cached):
+        command = [sys.executable, "-W", "error::RuntimeWarning", "-c", code]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
 
 
 def test_cpu_kernel_falls_back_to_pytorch_with_a_warning(monkeypatch):
