@@ -264,13 +264,19 @@ def main() -> None:
     for kind, gradient, alpha, seed in tqdm(jobs, desc="soft policy fits"):
         runs.append(fit(kind, gradient, alpha, seed, obs, args))
 
+    def runs_of(kind: str, gradient: str, alpha: float | None = None) -> list[dict]:
+        """The runs of one actor and gradient (at one alpha, or at all)."""
+        return [
+            r
+            for r in runs
+            if (r["kind"], r["gradient"]) == (kind, gradient) and alpha in (None, r["alpha"])
+        ]
+
     # ---- summary: median over seeds of the mass per mode, per alpha, actor and gradient
     table = []
     for alpha in args.alphas:
         for kind, gradient in actors:
-            rows = [
-                r for r in runs if (r["kind"], r["gradient"], r["alpha"]) == (kind, gradient, alpha)
-            ]
+            rows = runs_of(kind, gradient, alpha)
             table.append(
                 {
                     "kind": kind,
@@ -290,13 +296,7 @@ def main() -> None:
             )
     step_time = {
         f"{kind} {gradient}": float(
-            np.median(
-                [
-                    r["seconds_per_step"]
-                    for r in runs
-                    if (r["kind"], r["gradient"]) == (kind, gradient)
-                ]
-            )
+            np.median([r["seconds_per_step"] for r in runs_of(kind, gradient)])
         )
         for kind, gradient in actors
     }

@@ -284,10 +284,17 @@ class _CompiledPReLUFlow(torch.autograd.Function):
     the same maths and layout, the arithmetic of each sample in one loop through the chain."""
 
     @staticmethod
-    def forward(ctx, z, theta, layout):
+    def run(z: Tensor, theta: Tensor, layout: _FlowParams) -> tuple[Tensor, Tensor, tuple]:
+        """The forward pass: ``(x, log-det, what the backward needs)``, as
+        :meth:`_FusedPReLUFlow.run`."""
         x, ladj, *saved = cpu_kernel().prelu_flow_forward(z, theta, *layout.kernel_config)
+        return x, ladj, (theta, x, *saved)
+
+    @staticmethod
+    def forward(ctx, z, theta, layout):
+        x, ladj, saved = _CompiledPReLUFlow.run(z, theta, layout)
         ctx.layout = layout
-        ctx.save_for_backward(theta, x, *saved)
+        ctx.save_for_backward(*saved)
         return x, ladj
 
     @staticmethod
@@ -559,17 +566,13 @@ class _LayeredFlowDistribution(FlowDistribution):
             return super().push_forward(z)
         d = z.shape[-1]
         z2d, theta2d = z.reshape(-1, d), self.theta.reshape(-1, self.theta.shape[-1])
-        grad = torch.is_grad_enabled() and (z.requires_grad or self.theta.requires_grad)
-        kernel = cpu_kernel() if z.device.type == "cpu" and z.dtype in _KERNEL_DTYPES else None
-        if kernel is not None and grad:
-            x, ladj = _CompiledPReLUFlow.apply(z2d, theta2d, self.layout)
-        elif kernel is not None:
-            x, ladj, *_ = kernel.prelu_flow_forward(z2d, theta2d, *self.layout.kernel_config)
-        elif grad:
-            x, ladj = _FusedPReLUFlow.apply(z2d, theta2d, self.layout)
+        compiled = z.device.type == "cpu" and z.dtype in _KERNEL_DTYPES and cpu_kernel()
+        step = _CompiledPReLUFlow if compiled else _FusedPReLUFlow
+        if torch.is_grad_enabled() and (z.requires_grad or self.theta.requires_grad):
+            x, ladj = step.apply(z2d, theta2d, self.layout)
         else:  # acting: nothing to differentiate, so no autograd node and nothing saved
-            x, ladj, _ = _FusedPReLUFlow.run(z2d, theta2d, self.layout)
-        # the base is the standard normal that _FlowParams built: its density without Normal's ops
+            x, ladj, _ = step.run(z2d, theta2d, self.layout)
+        # the base is standard normal: its density without Normal's ops
         log_base = z.pow(2).sum(-1).mul(-0.5).sub(0.5 * d * _LOG_2PI)
         return x.reshape(z.shape), log_base - ladj.reshape(z.shape[:-1])
 
