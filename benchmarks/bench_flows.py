@@ -4,9 +4,7 @@
    rank 2, context 17, hidden 256x256, PReLU and spline) against SB3's
    ``SquashedDiagGaussianDistribution`` fed by the same MLP, against zuko's MAF of similar size,
    and against the flows' hypernetwork alone (the MLP whose head gives every flow parameter: the
-   floor of a flow's cost). The PReLU flow runs twice: as it does by default on the CPU (the
-   compiled kernel of ``flowpolicy/csrc``) and on the PyTorch path it falls back to. Forward
-   alone and forward + backward, under two cache conditions:
+   floor of a flow's cost). Forward alone and forward + backward, under two cache conditions:
    interleaved (each call follows the other candidates' calls, which evict its weights from
    cache, as the critic's updates do between an actor's steps in SAC) and consecutive (blocks of
    calls of one model, warm caches, as in a loop that times one model).
@@ -28,7 +26,7 @@ import torch
 import torch.nn as nn
 from stable_baselines3.common.distributions import SquashedDiagGaussianDistribution
 
-from flowpolicy import ConditionalFlow, flows
+from flowpolicy import ConditionalFlow
 from flowpolicy.bijectors import Affine
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
@@ -64,19 +62,9 @@ def candidates() -> dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch
         theta = prelu.hyper(c)
         return theta[..., :DIM], theta.sum(-1)
 
-    def prelu_pytorch(c):  # the same call on the PyTorch path the kernel replaces on the CPU
-        compiled, flows.cpu_kernel = flows.cpu_kernel, lambda: None
-        try:
-            return prelu(c, validate_args=False).rsample_and_log_prob()
-        finally:
-            flows.cpu_kernel = compiled
-
-    if flows.cpu_kernel() is None:
-        print("the compiled CPU kernel is unavailable: both prelu rows take the PyTorch path")
     runs = {
         "SB3 SquashedDiagGaussian": sb3_gaussian,
         "ConditionalFlow prelu": lambda c: prelu(c, validate_args=False).rsample_and_log_prob(),
-        "ConditionalFlow prelu, PyTorch path": prelu_pytorch,
         "ConditionalFlow spline": lambda c: spline(c, validate_args=False).rsample_and_log_prob(),
         "its hypernetwork alone (no flow)": hypernetwork,
     }

@@ -2,9 +2,12 @@
 
 Identical settings and seeds for the three policies, one torch thread, in one process:
 
-1. time per gradient step: three models fill a replay buffer on Pendulum-v1 (zoo settings,
+1. time per gradient step: the models fill a replay buffer on Pendulum-v1 (zoo settings,
    default networks, 4 flow layers of rank 1), then ``model.train(gradient_steps, 256)`` is timed
-   for each in turn, several rounds; medians and the ratio flow / Gaussian;
+   for each in turn, several rounds (thread CPU time, robust to other load on the machine);
+   medians and the ratio flow / Gaussian. With ``--compile``, both flows run ``torch.compile``
+   of the chain of bijectors instead (a measurement, never the library's default; a separate
+   run, as compilation in the same process disturbed the other rows' timings);
 2. Pendulum-v1 with rl-baselines3-zoo's SAC settings (lr 1e-3, 20k steps): the final
    deterministic return (10 evaluation episodes) per seed, its mean over seeds, and whether any
    logged loss or any parameter became NaN or infinite;
@@ -18,6 +21,7 @@ and appended to BENCHMARKS.md at the end.
     python benchmarks/bench_sac.py                      # the full protocol (hours on 2 cores)
     python benchmarks/bench_sac.py --seeds 0 --envs Pendulum-v1 --steps 5000   # a quick check
     python benchmarks/bench_sac.py --timing-only                  # the speed ratio alone
+    python benchmarks/bench_sac.py --timing-only --compile        # ... with torch.compile
 """
 
 from __future__ import annotations
@@ -45,6 +49,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _record import record  # noqa: E402
 
 POLICIES = ("gaussian", "prelu", "spline")
+TIMING_TITLE = "SAC: time per gradient step (bench_sac.py --timing-only)"
+RETURNS_TITLE = "SAC: returns, flow vs Gaussian (bench_sac.py)"
+
+# timing rows: (policy, how its actor runs)
+TIMED = [("gaussian", ""), ("prelu", ""), ("spline", "")]
+COMPILED = [("gaussian", ""), ("prelu", "torch.compile"), ("spline", "torch.compile")]
+TARGETS = {"prelu": "<= 1.15x", "spline": "<= 1.5x"}
 
 # rl-baselines3-zoo hyperparams/sac.yml; MountainCarContinuous without use_sde / log_std_init
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -90,7 +101,7 @@ def make_model(policy: str, env_id: str, seed: int, settings: dict[str, Any]) ->
         policy_class: Any = "MlpPolicy"
     else:
         policy_class = flowpolicy.FlowPolicy
-        policy_kwargs.update(nonlinearity=policy, flow_layers=4, rank=1)
+        policy_kwargs.update(flow_kwargs=dict(nonlinearity=policy, layers=4, rank=1))
     return SAC(
         policy_class,
         env_id,
@@ -101,19 +112,57 @@ def make_model(policy: str, env_id: str, seed: int, settings: dict[str, Any]) ->
     )
 
 
-def time_gradient_steps(steps: int, rounds: int, fill: int) -> dict[str, float]:
-    """Median ms per gradient step on Pendulum (zoo settings), the policies timed in turn."""
+def timed_model(policy: str, variant: str, settings: dict[str, Any]) -> SAC:
+    """A model whose actor runs as ``variant`` says: ``""`` (the default) or ``"torch.compile"``
+    (the chain of bijectors compiled, see :func:`compile_chain`)."""
+    model = make_model(policy, "Pendulum-v1", 0, settings)
+    if variant == "torch.compile":
+        compile_chain(model.actor.flow.layout)
+    return model
+
+
+def compile_chain(layout: Any) -> None:
+    """Make the policy step of flows with this layout run ``torch.compile`` of the plain chain
+    (raw parameters and noise to actions and log-densities). A measurement only: the library
+    never compiles; this patches its distribution class for the layouts marked here."""
+    distribution = flowpolicy.flows._LayeredFlowDistribution
+    if not hasattr(distribution, "_eager_push_forward"):
+        distribution._eager_push_forward = distribution.push_forward
+
+        def push_forward(self, z):
+            step = getattr(self.layout, "_compiled_step", None)
+            if step is None or z.shape[:-1] != self.batch_shape:
+                return self._eager_push_forward(z)
+            return step(self.theta, z)
+
+        distribution.push_forward = push_forward
+
+    def step(theta, z):
+        return distribution(layout, theta, False)._eager_push_forward(z)
+
+    layout._compiled_step = torch.compile(step, dynamic=False)
+
+
+def time_gradient_steps(
+    steps: int, rounds: int, fill: int, rows: list[tuple[str, str]]
+) -> dict[str, float]:
+    """Median ms (thread CPU time) per gradient step on Pendulum (zoo settings), the models timed
+    in turn; keyed by row name."""
     settings = dict(SETTINGS["Pendulum-v1"])
     settings["kwargs"] = dict(settings["kwargs"], learning_starts=fill)
-    models = {p: make_model(p, "Pendulum-v1", 0, settings) for p in POLICIES}
+    models = {
+        f"{policy}, {variant}" if variant else policy: timed_model(policy, variant, settings)
+        for policy, variant in rows
+    }
     for model in models.values():
         model.learn(fill)  # fills the buffer; no gradient step before learning_starts
-    times: dict[str, list[float]] = {p: [] for p in POLICIES}
+        model.train(gradient_steps=3, batch_size=256)  # warm-up (and compilation)
+    times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(rounds):
         for name, model in models.items():
-            start = time.perf_counter()
+            start = time.thread_time()
             model.train(gradient_steps=steps, batch_size=256)
-            times[name].append(1e3 * (time.perf_counter() - start) / steps)
+            times[name].append(1e3 * (time.thread_time() - start) / steps)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -180,16 +229,14 @@ def returns_table(results: list[dict[str, Any]]) -> str:
 def timing_table(ms: dict[str, float], steps: int, rounds: int) -> str:
     lines = [
         f"Time per gradient step, Pendulum-v1 (batch 256, default networks, 4 flow layers, rank 1),"
-        f" median of {rounds} interleaved rounds of {steps} steps:",
+        f" median of {rounds} interleaved rounds of {steps} steps (thread CPU time):",
         "",
         "| policy | ms per gradient step | ratio flow / Gaussian | target |",
         "|---|---:|---:|---|",
     ]
-    for policy in POLICIES:
-        target = "" if policy == "gaussian" else "<= 1.5x"
-        lines.append(
-            f"| {policy} | {ms[policy]:.2f} | {ms[policy] / ms['gaussian']:.2f}x | {target} |"
-        )
+    for name, value in ms.items():
+        target = TARGETS.get(name.split(",")[0], "")
+        lines.append(f"| {name} | {value:.2f} | {value / ms['gaussian']:.2f}x | {target} |")
     return "\n".join(lines)
 
 
@@ -206,6 +253,9 @@ def main() -> None:
     parser.add_argument("--timing-rounds", type=int, default=15)
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--timing-only", action="store_true", help="no training runs")
+    parser.add_argument(
+        "--compile", action="store_true", help="time the flows with torch.compile instead"
+    )
     parser.add_argument("--jsonl", type=Path, default=Path("runs/bench_sac.jsonl"))
     parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     args = parser.parse_args()
@@ -216,10 +266,12 @@ def main() -> None:
     }
     args.jsonl.parent.mkdir(parents=True, exist_ok=True)
 
-    sections = []
+    sections, titles = [], []
     if not args.skip_timing:
-        ms = time_gradient_steps(args.timing_steps, args.timing_rounds, fill=1000)
+        rows = COMPILED if args.compile else TIMED
+        ms = time_gradient_steps(args.timing_steps, args.timing_rounds, 1000, rows)
         sections.append(timing_table(ms, args.timing_steps, args.timing_rounds))
+        titles.append(TIMING_TITLE)
         print(sections[-1], flush=True)
         with args.jsonl.open("a") as f:
             f.write(json.dumps(dict(timing_ms=ms)) + "\n")
@@ -234,14 +286,18 @@ def main() -> None:
                 with args.jsonl.open("a") as f:
                     f.write(json.dumps(result) + "\n")
     if results:
+        titles.append(RETURNS_TITLE)
         sections.append(
             f"Final deterministic return ({args.episodes} evaluation episodes per seed), "
             "identical SAC settings and seeds (zoo settings; MountainCarContinuous without gSDE):"
             "\n\n" + returns_table(results)
         )
         print(sections[-1])
-    if not args.no_record:
-        record("SAC: FlowPolicy vs Gaussian MlpPolicy (bench_sac.py)", "\n\n".join(sections), 1)
+    if args.no_record:
+        return
+    # one section per kind of result, so that a timing run leaves the returns in place
+    for title, section in zip(titles, sections):
+        record(title, section, 1)
 
 
 if __name__ == "__main__":

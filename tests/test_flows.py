@@ -1,16 +1,12 @@
 """Tests of the flow distributions: normalization, exact densities, gradients, errors."""
 
 import math
-import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch.distributions import ExpTransform, Independent, LogNormal, Normal
 
-from flowpolicy import ConditionalFlow, Flow, FlowDistribution, _compiled, flows
+from flowpolicy import ConditionalFlow, Flow, FlowDistribution, flows
 
 NONLINEARITIES = ["prelu", "spline"]
 
@@ -98,7 +94,7 @@ def test_entropy_estimate_matches_minus_mean_log_prob_of_own_samples():
 
 
 def test_exp_of_normal_through_our_machinery_is_lognormal():
-    """The seed's first example: exp of a standard normal is the log-normal."""
+    """The first example of Jang (2018): exp of a standard normal is the log-normal."""
     base = Independent(Normal(torch.zeros(3), torch.ones(3)), 1)
     dist = FlowDistribution(base, [ExpTransform()])
     reference = Independent(LogNormal(torch.zeros(3), torch.ones(3)), 1)
@@ -151,7 +147,7 @@ def test_conditional_flow_shape_depends_on_context():
 
 
 def test_flow_initialization_is_not_linear():
-    """Slopes all equal to 1 would keep the chain linear forever (DESIGN.md §3)."""
+    """Slopes all equal to 1 keep a chain linear forever: the initialization spreads them."""
     dist = Flow(2, layers=4, seed=9)()
     slopes = torch.cat([t.alpha for t in dist.transforms[1::2]])
     assert slopes.min() < 0.8 and slopes.max() > 1.25
@@ -190,35 +186,12 @@ def test_bad_input_gets_clear_errors():
     assert torch.isnan(cflow(context, validate_args=False).rsample_and_log_prob()[1][1])
 
 
-@pytest.fixture
-def kernel():
-    """The compiled CPU kernel (csrc/prelu_flow.cpp): it must build wherever there is a compiler."""
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler: the kernel cannot be built here")
-    ops = _compiled.cpu_kernel()
-    assert ops is not None, "the CPU kernel did not build"
-    return ops
-
-
-@pytest.fixture(params=["compiled", "pytorch"])
-def policy_step(request, monkeypatch):
-    """Each implementation of the fused policy step on the CPU (its autograd Function): the
-    compiled kernel and the PyTorch one it falls back to."""
-    if request.param == "pytorch":
-        monkeypatch.setattr(flows, "cpu_kernel", lambda: None)
-        return flows._FusedPReLUFlow
-    request.getfixturevalue("kernel")
-    return flows._CompiledPReLUFlow
-
-
 @pytest.mark.parametrize("squash", [False, True])
 @pytest.mark.parametrize(("dim", "layers", "rank"), [(1, 1, 1), (3, 0, 2), (3, 3, 0), (6, 4, 2)])
 @pytest.mark.parametrize("batch", [(7,), (2, 3), (1,)])
-def test_fused_policy_step_equals_the_chain_of_bijectors(
-    squash, dim, layers, rank, batch, policy_step
-):
-    """One sample per state takes the hand-written forward and backward of the affine/PReLU
-    chain: values and every parameter's gradient equal autograd through the bijectors."""
+def test_policy_step_equals_the_generic_chain(squash, dim, layers, rank, batch):
+    """One sample per state (a policy's step): values and every parameter's gradient equal the
+    generic FlowDistribution over the same bijectors."""
     cflow = ConditionalFlow(dim, 4, layers, rank, hidden=(16,), squash=squash, seed=1)
     with torch.no_grad():
         cflow.hyper[-1].weight.mul_(30)  # context-dependent, mixed-sign flows
@@ -231,13 +204,6 @@ def test_fused_policy_step_equals_the_chain_of_bijectors(
         ((x * weights[0]).sum() + (log_prob * weights[1]).sum()).backward()
         return [x, log_prob] + [p.grad.clone() for p in cflow.parameters()]
 
-    def graph(node):  # names of the autograd nodes behind a tensor's grad_fn
-        names = {type(node).__name__}
-        for child, _ in node.next_functions if node is not None else ():
-            names |= graph(child) if child is not None else set()
-        return names
-
-    assert f"{policy_step.__name__}Backward" in graph(cflow(context).push_forward(z)[0].grad_fn)
     fused = values_and_grads(lambda dist, z: dist.push_forward(z))
     chain = values_and_grads(
         lambda dist, z: FlowDistribution(dist.base, dist.transforms).push_forward(z)
@@ -245,7 +211,7 @@ def test_fused_policy_step_equals_the_chain_of_bijectors(
     assert fused[0].shape == (*batch, dim) and fused[1].shape == batch
     for a, b in zip(fused, chain):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
-    with torch.no_grad():  # acting: the same forward, without an autograd node
+    with torch.no_grad():  # acting: the same forward, without a graph
         x, log_prob = cflow(context).push_forward(z)
     assert x.grad_fn is None
     torch.testing.assert_close((x, log_prob), (fused[0].detach(), fused[1].detach()))
@@ -260,85 +226,14 @@ def test_fused_policy_step_equals_the_chain_of_bijectors(
 
 @pytest.mark.parametrize("squash", [False, True])
 @pytest.mark.parametrize(("layers", "rank"), [(2, 2), (1, 1), (0, 0)])
-def test_fused_flow_passes_gradcheck(squash, layers, rank, policy_step):
+def test_policy_step_passes_gradcheck(squash, layers, rank):
     flow = Flow(3, layers, rank, squash=squash, seed=0)
     theta = (flow.theta + 0.3 * torch.randn(5, flow.theta.numel())).detach().requires_grad_()
     z = torch.randn(5, 3, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda z, theta: policy_step.apply(z, theta, flow.layout), (z, theta)
+        lambda z, theta: flows._LayeredFlowDistribution(flow.layout, theta, False).push_forward(z),
+        (z, theta),
     )
-
-
-@pytest.mark.parametrize(("dim", "layers", "rank"), [(2, 1, 2), (6, 4, 2), (17, 3, 1), (5, 2, 0)])
-@pytest.mark.parametrize("squash", [False, True])
-def test_compiled_policy_step_equals_the_pytorch_one(dim, layers, rank, squash, kernel):
-    """Both implementations agree to rounding on values and gradients, far from the initial
-    flow (raw parameters of every sign and size), in float64 and in float32 (there relative to
-    each tensor's norm: large scales compound over layers, and rounding with them)."""
-    flow = Flow(dim, layers, rank, squash=squash, seed=2)
-    g = torch.Generator().manual_seed(0)
-    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
-        flow.to(dtype)
-        noise = torch.randn(64, flow.theta.numel(), generator=g, dtype=dtype)
-        theta = (flow.theta.detach() + noise).requires_grad_()
-        z = torch.randn(64, dim, generator=g, dtype=dtype, requires_grad=True)
-        weights = torch.randn(64, dim, generator=g, dtype=dtype), torch.randn(64, dtype=dtype)
-        results = []
-        for step in (flows._CompiledPReLUFlow, flows._FusedPReLUFlow):
-            x, ladj = step.apply(z, theta, flow.layout)
-            loss = (x * weights[0]).sum() + (ladj * weights[1]).sum()
-            results.append((x, ladj, *torch.autograd.grad(loss, (z, theta))))
-        for a, b in zip(*results):
-            assert torch.linalg.vector_norm(a - b) <= tol * torch.linalg.vector_norm(b)
-
-
-def test_cpu_kernel_builds_into_an_empty_cache_and_later_processes_load_it(tmp_path, kernel):
-    """As on a new machine: the first process builds the library into the cache (only the
-    library is left there) and may ask for it again; the next process loads it, no build."""
-    first_use = """
-import torch
-from flowpolicy import ConditionalFlow, _compiled
-assert _compiled.cpu_kernel() is not None
-_compiled.cpu_kernel.cache_clear()  # asked again: must not load a second copy of the library
-assert _compiled.cpu_kernel() is not None
-ConditionalFlow(2, 3, layers=1, rank=1, hidden=(8,))(torch.randn(4, 3)).rsample_and_log_prob()
-"""
-    cached = """
-from torch.utils import cpp_extension
-def rebuilt(*args, **kwargs):
-    raise SystemExit("built again instead of loaded from the cache")
-cpp_extension.load = rebuilt
-from flowpolicy import _compiled
-assert _compiled.cpu_kernel() is not None
-"""
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
-    for code in (first_use, cached):
-        command = [sys.executable, "-W", "error::RuntimeWarning", "-c", code]
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-2000:]
-    assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
-
-
-def test_cpu_kernel_falls_back_to_pytorch_with_a_warning(monkeypatch):
-    """No compiler (or a failed build): one warning, and flows run on the PyTorch path."""
-
-    def fail():
-        raise OSError("no C++ compiler")
-
-    monkeypatch.setattr(_compiled, "_load", fail)
-    _compiled.cpu_kernel.cache_clear()
-    try:
-        with pytest.warns(RuntimeWarning, match="could not build the CPU flow kernel.*compiler"):
-            assert _compiled.cpu_kernel() is None
-        cflow = ConditionalFlow(2, 3, layers=2, rank=1, hidden=(8,), seed=0)
-        x, log_prob = cflow(torch.randn(4, 3)).rsample_and_log_prob()
-        assert type(x.grad_fn.next_functions[0][0]).__name__ == "_FusedPReLUFlowBackward"
-        monkeypatch.setenv("FLOWPOLICY_CPU_KERNEL", "0")  # switched off: no attempt at all
-        _compiled.cpu_kernel.cache_clear()
-        monkeypatch.setattr(_compiled, "_load", lambda: pytest.fail("tried to build"))
-        assert _compiled.cpu_kernel() is None
-    finally:
-        _compiled.cpu_kernel.cache_clear()
 
 
 def test_bijectors_built_under_no_grad_still_carry_gradients():
@@ -350,3 +245,255 @@ def test_bijectors_built_under_no_grad_still_carry_gradients():
         actions = dist.sample((5,))
     dist.log_prob(actions).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in cflow.parameters())
+
+
+# --- layers: what each one is, and setting it -----------------------------------------------
+
+
+def random_parts(kind: str, dim: int, rank: int, g, bins: int = 6, bound: float = 3.0) -> dict:
+    """Valid parts of a layer, as ``Flow.set_layer_`` takes them."""
+    if kind == "affine":
+        L = torch.randn(dim, dim, generator=g).tril(-1) + torch.diag(torch.rand(dim, generator=g))
+        L.diagonal().add_(0.2)
+        factor = torch.randn(dim, rank, generator=g) if rank else None
+        return dict(shift=torch.randn(dim, generator=g), scale_tril=L, factor=factor)
+    if kind == "prelu":
+        return dict(alpha=torch.randn(dim, generator=g).exp())
+    knots = []
+    for _ in range(2):
+        sizes = torch.rand(dim, bins, generator=g) + 0.05
+        inner = torch.cumsum(sizes / sizes.sum(-1, keepdim=True), -1)[:, :-1]
+        knots.append(
+            bound * (2 * torch.cat([torch.zeros(dim, 1), inner, torch.ones(dim, 1)], 1) - 1)
+        )
+    derivatives = torch.rand(dim, bins - 1, generator=g) * 3 + 0.05
+    return dict(knots_x=knots[0], knots_y=knots[1], derivatives=derivatives)
+
+
+def reference_bijector(kind: str, parts: dict, bound: float = 3.0):
+    """The bijector of ``parts`` built directly (not through the raw parameters)."""
+    from flowpolicy.bijectors import Affine, PReLU, Spline
+
+    if kind == "affine":
+        return Affine(parts["shift"], parts["scale_tril"], parts["factor"])
+    if kind == "prelu":
+        return PReLU(parts["alpha"])
+    widths = (parts["knots_x"].diff(dim=-1) / (2 * bound) - Spline.min_bin).log()
+    heights = (parts["knots_y"].diff(dim=-1) / (2 * bound) - Spline.min_bin).log()
+    raw = torch.log(torch.expm1(parts["derivatives"] - Spline.min_derivative))
+    return Spline(widths, heights, raw, bound=bound)
+
+
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_set_layer_then_layer_gives_the_same_map(nonlinearity, rank):
+    """Round trip in float64: the map written into the raw vector is the map read back."""
+    g = torch.Generator().manual_seed(rank)
+    flow = Flow(3, layers=2, rank=rank, nonlinearity=nonlinearity, bins=6, bound=3.0, seed=0)
+    x = 4 * torch.randn(200, 3, generator=g)
+    for i, kind in enumerate(["affine", nonlinearity, "affine", nonlinearity, "affine"]):
+        parts = random_parts(kind, 3, rank, g)
+        assert flow.set_layer_(i, **parts) is flow
+        layer = flow.layer(i)
+        if kind == "affine":
+            torch.testing.assert_close(layer.shift, parts["shift"])
+            torch.testing.assert_close(layer.scale_tril, parts["scale_tril"])
+            if rank:
+                torch.testing.assert_close(layer.factor, parts["factor"])
+        elif kind == "prelu":
+            torch.testing.assert_close(layer.alpha, parts["alpha"])
+        else:
+            torch.testing.assert_close(layer.knots_x, parts["knots_x"])
+            torch.testing.assert_close(layer.knots_y, parts["knots_y"])
+            torch.testing.assert_close(layer.derivatives[:, 1:-1], parts["derivatives"])
+        y, ladj = layer.call_and_ladj(x)
+        y_ref, ladj_ref = reference_bijector(kind, parts).call_and_ladj(x)
+        torch.testing.assert_close((y, ladj), (y_ref, ladj_ref))
+    # the chain of the flow is the chain of its layers
+    dist = flow()
+    for i, transform in enumerate(dist.transforms):
+        torch.testing.assert_close(transform(x), flow.layer(i)(x))
+    assert type(flow.layer(-1)).__name__ == "Affine"
+    with pytest.raises(IndexError):
+        flow.layer(5)
+
+
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+def test_encode_inverts_the_parametrization(nonlinearity):
+    """encode(decode(theta)) == theta for affine and PReLU layers (batched, far from the start);
+    spline logits are defined up to a constant per row, so the map is compared there."""
+    flow = Flow(4, layers=1, rank=2, nonlinearity=nonlinearity, seed=0)
+    theta = flow.theta.detach() + torch.randn(5, flow.theta.numel())
+    affine_module, nonlinear_module = flow.layout.chain[0], flow.layout.chain[1]
+    raw = theta[:, : flow.layout.sizes[0]]
+    affine = affine_module(raw)
+    torch.testing.assert_close(
+        affine_module.encode(affine.shift, affine.scale_tril, affine.factor), raw
+    )
+    raw = theta[:, flow.layout.sizes[0] : sum(flow.layout.sizes[:2])]
+    layer = nonlinear_module(raw)
+    if nonlinearity == "prelu":
+        torch.testing.assert_close(nonlinear_module.encode(layer.alpha), raw)
+        return
+    encoded = nonlinear_module.encode(layer.knots_x, layer.knots_y, layer.derivatives[..., 1:-1])
+    again = nonlinear_module(encoded)
+    for name in ("knots_x", "knots_y", "derivatives"):
+        torch.testing.assert_close(getattr(again, name), getattr(layer, name))
+
+
+def test_set_layer_refuses_invalid_parts():
+    flow = Flow(2, layers=1, rank=1, seed=0)
+    with pytest.raises(ValueError, match="diagonal"):
+        flow.set_layer_(0, shift=torch.zeros(2), scale_tril=-torch.eye(2), factor=None)
+    with pytest.raises(ValueError, match="shape"):
+        flow.set_layer_(0, shift=torch.zeros(3), scale_tril=torch.eye(2), factor=None)
+    with pytest.raises(ValueError, match="positive"):
+        flow.set_layer_(1, alpha=torch.tensor([1.0, 0.0]))
+    spline = Flow(2, layers=1, nonlinearity="spline", bins=4, bound=2.0, seed=0)
+    knots = torch.linspace(-1, 2, 5).expand(2, 5)
+    with pytest.raises(ValueError, match="start at"):
+        spline.set_layer_(1, knots_x=knots, knots_y=knots, derivatives=torch.ones(2, 3))
+    # nothing written by the failed calls
+    torch.testing.assert_close(flow.theta, Flow(2, layers=1, rank=1, seed=0).theta)
+
+
+# --- ConditionalFlow's parameter bound ---------------------------------------------------------
+
+
+def test_param_bound_clamps_the_raw_parameters():
+    cflow = ConditionalFlow(2, 3, layers=2, hidden=(8,), param_bound=0.5, seed=0)
+    with torch.no_grad():
+        cflow.hyper[-1].weight.mul_(1000)
+    context = 100 * torch.randn(6, 3)
+    dist = cflow(context)
+    torch.testing.assert_close(dist.theta, cflow.hyper(context).clamp(-0.5, 0.5))
+    assert dist.theta.abs().max() == 0.5
+    x, log_prob = dist.rsample_and_log_prob()
+    assert torch.isfinite(x).all() and torch.isfinite(log_prob).all()
+    unbounded = ConditionalFlow(2, 3, layers=2, hidden=(8,), seed=0)
+    unbounded.load_state_dict(cflow.state_dict())
+    assert unbounded(context).theta.abs().max() > 0.5
+    with pytest.raises(ValueError, match="param_bound"):
+        ConditionalFlow(2, 3, param_bound=0.0)
+
+
+# --- the kinks' boundary term through a flow ------------------------------------------------
+
+
+def test_kink_bandwidth_changes_the_gradient_not_the_value():
+    """flow(kink_bandwidth=h).log_prob(x): the same log-densities; the gradient differs by the
+    kinks' boundary term, and matches a finite difference of the mean NLL better."""
+    flow = Flow(2, layers=1, rank=1, seed=0)
+    flow.set_layer_(1, alpha=torch.tensor([0.2, 3.0]))  # kinks where the data is dense
+    flow.set_layer_(2, shift=torch.zeros(2), scale_tril=torch.eye(2), factor=None)
+    x = torch.randn(200_000, 2, generator=torch.Generator().manual_seed(0)) + 0.3
+
+    def loss(kink_bandwidth=0.0):
+        return -flow(kink_bandwidth=kink_bandwidth).log_prob(x).mean()
+
+    plain, kernel = loss(), loss(0.2)
+    assert torch.equal(plain, kernel)
+    (grad_plain,) = torch.autograd.grad(plain, flow.theta)
+    (grad_kernel,) = torch.autograd.grad(kernel, flow.theta)
+    direction, h = grad_plain / grad_plain.norm(), 1e-3
+    theta = flow.theta.detach().clone()
+    with torch.no_grad():
+        flow.theta.copy_(theta + h * direction)
+        up = loss()
+        flow.theta.copy_(theta - h * direction)
+        down = loss()
+        flow.theta.copy_(theta)
+    fd = float(up - down) / (2 * h)
+    plain_error = abs(fd - float(grad_plain @ direction))
+    kernel_error = abs(fd - float(grad_kernel @ direction))
+    assert plain_error > 0.1 and kernel_error < 0.25 * plain_error
+
+
+# --- the high-density sample ----------------------------------------------------------------
+
+
+def test_quasi_normal_is_deterministic_and_standard():
+    z = flows.quasi_normal(4096, 3)
+    assert z.shape == (4096, 3) and z.dtype == torch.get_default_dtype()
+    torch.testing.assert_close(z, flows.quasi_normal(4096, 3))
+    assert not torch.equal(z, flows.quasi_normal(4096, 3, seed=1))
+    torch.testing.assert_close(z.mean(0), torch.zeros(3), atol=0.01, rtol=0)
+    torch.testing.assert_close(z.std(0), torch.ones(3), atol=0.02, rtol=0)
+
+
+def test_high_density_sample_of_a_gaussian_is_near_its_mean():
+    flow = Flow(2, layers=0, rank=1, seed=3)
+    flow.set_layer_(0, shift=torch.tensor([1.0, -2.0]), scale_tril=0.3 * torch.eye(2), factor=None)
+    dist = flow()
+    mode = dist.high_density_sample()
+    assert mode.shape == (2,)
+    assert (mode - torch.tensor([1.0, -2.0])).norm() < 0.15
+    torch.testing.assert_close(dist.mode, mode)
+    # given noise: the same selection among its images
+    noise = flows.quasi_normal(16, 2, seed=5)
+    assert dist.high_density_sample(noise).shape == (2,)
+    with pytest.raises(ValueError, match="noise"):
+        dist.high_density_sample(torch.zeros(16, 3))
+
+
+def test_high_density_sample_is_per_batch_element_and_deterministic():
+    cflow = ConditionalFlow(2, 3, layers=2, hidden=(8,), squash=True, seed=0)
+    context = torch.randn(4, 5, 3)
+    dist = cflow(context)
+    mode = dist.high_density_sample(bandwidth=0.8)
+    assert mode.shape == (4, 5, 2) and (mode.abs() < 1).all()
+    torch.testing.assert_close(mode, cflow(context).high_density_sample(bandwidth=0.8))
+    torch.testing.assert_close(mode[1, 2], cflow(context[1, 2]).high_density_sample(bandwidth=0.8))
+    # it is one of the noise's images, the same noise for every element
+    z = flows.quasi_normal(64, 2).view(64, 1, 1, 2)
+    images = dist.push_forward(z.expand(64, 4, 5, 2))[0]
+    assert ((images - mode).abs().amax(-1) < 1e-12).any(0).all()
+
+
+def test_squashed_gaussian_is_the_tanh_of_a_gaussian():
+    mean = torch.tensor([[0.3, -0.2], [-1.5, 0.1], [0.0, 0.4]])
+    std = torch.tensor([[0.3, 0.4], [0.2, 0.2], [0.5, 0.3]])
+    dist = flows.squashed_gaussian(mean, std)
+    assert dist.batch_shape == (3,) and dist.event_shape == (2,)
+    a, log_prob = dist.rsample_and_log_prob((500,))
+    assert a.shape == (500, 3, 2) and (a.abs() < 1).all()
+    u = torch.atanh(a)
+    expected = Independent(Normal(mean, std), 1).log_prob(u) - torch.log1p(-a * a).sum(-1)
+    torch.testing.assert_close(log_prob, expected)
+    torch.testing.assert_close(dist.log_prob(a), expected)
+    # a narrow Gaussian: the high-density sample is tanh(mean)
+    narrow = flows.squashed_gaussian(mean, 1e-3)
+    torch.testing.assert_close(narrow.mode, torch.tanh(mean), atol=5e-3, rtol=0)
+    with pytest.raises(ValueError, match="std"):
+        flows.squashed_gaussian(mean, torch.zeros(2))
+
+
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+@pytest.mark.parametrize("squash", [False, True])
+@pytest.mark.parametrize("conditional", [False, True])
+def test_layered_chain_equals_the_generic_chain(nonlinearity, squash, conditional):
+    """A flow module's distribution runs its chain layer kind by layer kind (affine log-dets
+    summed once, inverses formed in one call): values and gradients equal the
+    generic FlowDistribution over the same bijectors, forward and inverse."""
+    if conditional:
+        module = ConditionalFlow(3, 4, 3, 2, (8,), nonlinearity, squash, head_scale=1.0, seed=0)
+        args = (torch.randn(5, 4),)
+    else:
+        module = Flow(3, 3, 2, nonlinearity, squash, seed=0)
+        args = ()
+    z = torch.randn(7, *((5,) if conditional else ()), 3)
+    weights = torch.randn(7, *((5,) if conditional else ()))
+
+    def values_and_grads(generic: bool):
+        module.zero_grad()
+        dist = module(*args)
+        if generic:
+            dist = FlowDistribution(dist.base, dist.transforms)
+        x, log_prob = dist.push_forward(z)
+        inside = x.detach().clamp(-0.999, 0.999)  # the inverse of tanh is finite inside
+        back = dist.log_prob(inside)
+        ((x.sum(-1) + log_prob + back) * weights).sum().backward()
+        return [x, log_prob, back] + [p.grad.clone() for p in module.parameters()]
+
+    for a, b in zip(values_and_grads(False), values_and_grads(True)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
