@@ -4,7 +4,7 @@ The target is the shape of a policy at the lake's start state: modes at (+-0.5, 
 0.05 and nothing in between (entropy -2.4604 nats). For each configuration and seed the flow is
 fitted by maximum likelihood (:func:`flowpolicy.density.fit`, same steps, batch and schedule),
 then scored on the same 200k fresh samples: KL(p||q) with its standard error, and the model's
-mass in the empty gap |x1| < 0.2 (the target's is ~1e-9). Prints one table and appends it to
+mass in the empty gap |x1| < 0.2 (the target's is ~1e-9). Prints one table and records it in
 BENCHMARKS.md.
 
 Run::
@@ -104,7 +104,11 @@ def main() -> None:
     )
     print(table)
     if not args.no_record:
-        record("Expressiveness: two separated modes, PReLU vs spline", table, threads=1)
+        record(
+            "Expressiveness: two separated modes, PReLU vs spline (bench_expressiveness.py)",
+            table,
+            threads=1,
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-r"""The seed article's experiment: fit an affine + PReLU flow to the banana by maximum likelihood.
+r"""The experiment of Jang (2018): fit an affine + PReLU flow to the banana by maximum likelihood.
 
 Target (Eric Jang, "Normalizing Flows Tutorial, Part 1", 2018):
 
@@ -9,52 +9,46 @@ negative log-likelihood equals it, and the gap is :math:`\mathrm{KL}(p\,\|\,q)`.
 
 Run::
 
-    python examples/fit_banana.py --out runs/fit_banana          # ~10 s on a CPU core
+    python examples/fit_banana.py --out runs/fit_banana          # the command line's recipe
     python examples/fit_banana.py --out runs/fit_banana --tiny   # a few seconds, smoke test
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import tyro
 
 import flowpolicy as fp
+from flowpolicy.density import DEFAULTS
 
 
-@dataclasses.dataclass
+@dataclass
 class Args:
     out: str = "runs/fit_banana"
     """where the flow, the figures and summary.json go"""
-    layers: int = fp.density.DEFAULTS["layers"]
+    layers: int = DEFAULTS["layers"]
     """(affine, PReLU) blocks; the chain ends on one more affine layer"""
-    steps: int = fp.density.DEFAULTS["steps"]
-    time_limit: float = fp.density.DEFAULTS["time_limit"]
+    steps: int = DEFAULTS["steps"]
+    """Adam steps at most"""
+    time_limit: float = DEFAULTS["time_limit"]
     """seconds of training at most (the learning-rate schedule follows the clock)"""
-    batch_size: int = fp.density.DEFAULTS["batch_size"]
-    lr: float = fp.density.DEFAULTS["lr"]
+    batch_size: int = DEFAULTS["batch_size"]
+    """fresh target samples per step"""
+    lr: float = DEFAULTS["lr"]
+    """peak learning rate (cosine-decayed)"""
     device: str = "auto"
+    """auto (CUDA when available), cpu or cuda"""
     seed: int = 0
+    """seed of the flow, of the samples and of the batches"""
     tiny: bool = False
     """a tiny budget, for smoke tests"""
 
 
-def parse_args() -> Args:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Args):
-        if f.type == "bool":
-            parser.add_argument(f"--{f.name.replace('_', '-')}", action="store_true")
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type]
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
-    return Args(**vars(parser.parse_args()))
-
-
-def main() -> None:
-    args = parse_args()
+def main(args: Args) -> None:
     if args.tiny:
         args.layers, args.steps, args.batch_size, args.time_limit = 4, 100, 256, 20.0
     torch.set_num_threads(1)  # a 2-D flow is overhead-bound: more threads do not help
@@ -67,10 +61,9 @@ def main() -> None:
     # 2. Start the kinks where the data is: regress one coordinate of target samples on hinges
     #    relu(x_s - b_j) of the other, and build the chain as pairs of PReLU layers (slopes
     #    alpha, 1/alpha around a shear) that each add one hinge. Only samples are used.
-    data = target.sample(
-        fp.density.DEFAULTS["init_samples"], generator=torch.Generator().manual_seed(args.seed + 99)
-    )
-    fp.density.init_hinges_(flow, data, spread=fp.density.DEFAULTS["hinge_spread"])
+    generator = torch.Generator().manual_seed(args.seed + 99)
+    data = target.sample(DEFAULTS["init_samples"], generator=generator)
+    fp.density.init_hinges_(flow, data, spread=DEFAULTS["hinge_spread"])
 
     # 3. Maximum likelihood on fresh target samples each step, with the weights averaged (EMA).
     #    A sample's log-det jumps by log(alpha) when it crosses a kink: kink_bandwidth adds that
@@ -84,7 +77,7 @@ def main() -> None:
         device=args.device,
         seed=args.seed,
         time_limit=args.time_limit,
-        kink_bandwidth=fp.density.DEFAULTS["kink_bandwidth"],
+        kink_bandwidth=DEFAULTS["kink_bandwidth"],
     )
 
     # 4. Score on fresh samples: held-out NLL vs the exact entropy, and KL(p||q).
@@ -94,7 +87,7 @@ def main() -> None:
         f"entropy {scores['entropy']:.4f}, KL(p||q) {scores['kl']:.4f} ± {scores['kl_stderr']:.4f}"
     )
 
-    # 5. Save the flow (fp.density.load(out) rebuilds it) and the seed's pictures.
+    # 5. Save the flow (fp.density.load(out) rebuilds it) and the tutorial's pictures.
     out = Path(args.out)
     fp.density.save(flow, out)
     figures = fp.density.save_figures(flow, target, history, out)
@@ -103,11 +96,11 @@ def main() -> None:
         "steps": history.steps,
         "train_seconds": history.train_seconds,
         "figures": [p.name for p in figures],
-        "args": dataclasses.asdict(args),
+        "args": asdict(args),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"saved the flow, {', '.join(summary['figures'])} and summary.json to {out}")
 
 
 if __name__ == "__main__":
-    main()
+    main(tyro.cli(Args))

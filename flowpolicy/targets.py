@@ -6,7 +6,7 @@ Each target has ``log_prob(x)`` (exact, normalized), ``sample(n, generator=None,
 exists). A perfect model's held-out negative log-likelihood equals the entropy, and
 :math:`\mathrm{KL}(p\,\|\,q) = \mathbb{E}_p[\log p - \log q]` can be estimated exactly from samples.
 
-* :data:`banana`: the seed article's target,
+* :data:`banana`: the target of Jang (2018),
   :math:`p(x_1, x_2) = \mathcal{N}(x_1 \mid x_2^2/4, 1)\,\mathcal{N}(x_2 \mid 0, 4^2)`;
 * :data:`two_clusters`: two well-separated modes at :math:`(\pm 0.5, 0.5)` with std 0.05, the
   shape of a policy at the lake's start state;
@@ -105,14 +105,14 @@ class Target:
 
 
 class Banana(Target):
-    r"""The seed's banana: :math:`x_2 \sim \mathcal{N}(0, s^2)`,
+    r"""The banana of Jang (2018): :math:`x_2 \sim \mathcal{N}(0, s^2)`,
     :math:`x_1 \mid x_2 \sim \mathcal{N}(c\,x_2^2, 1)`.
 
     .. math:: \log p(x) = \log\mathcal{N}(x_2; 0, s^2) + \log\mathcal{N}(x_1; c\,x_2^2, 1),
               \qquad H = \log(2\pi e) + \log s
 
     (chain rule: :math:`H(x_2) + H(x_1 \mid x_2)`, and the conditional entropy does not depend
-    on :math:`x_2`). With the seed's :math:`s = 4, c = 1/4`: :math:`H = 4.2242` nats.
+    on :math:`x_2`). With the tutorial's :math:`s = 4, c = 1/4`: :math:`H = 4.2242` nats.
 
     :param scale: :math:`s`, the standard deviation of :math:`x_2`.
     :param curvature: :math:`c`.
@@ -222,7 +222,7 @@ class GaussianMixture(Target):
         return self._entropy
 
 
-#: The seed's banana, exact entropy 4.2242 nats.
+#: The banana of Jang (2018), exact entropy 4.2242 nats.
 banana = Banana()
 
 #: Two modes at (+-0.5, 0.5), std 0.05: entropy -2.4605 nats (= log(2 pi e 0.05^2) + log 2).

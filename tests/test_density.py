@@ -1,4 +1,4 @@
-"""Density fitting: the training shortcut, initialization, fit, save/load, the command line."""
+"""Density fitting: the training objective, initialization, fit, save/load, the command line."""
 
 import json
 import math
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributions import TransformedDistribution
+from torch.func import functional_call
 
 from flowpolicy import Flow, density, targets
-from flowpolicy.bijectors import Spline
-from flowpolicy.density import _PReLUChainLogProb
 
 torch.set_num_threads(1)
 
@@ -21,17 +21,21 @@ NO_CUDA = not torch.cuda.is_available()
 
 
 @pytest.mark.parametrize("layers,rank", [(0, 0), (1, 1), (3, 2), (6, 1)])
-def test_training_shortcut_equals_library_log_prob(layers, rank):
+def test_training_objective_equals_torch_log_prob(layers, rank):
+    """fit's objective (the inverse pass with the kinks' boundary term) against torch's own
+    TransformedDistribution over the same bijectors (their inv and log_abs_det_jacobian)."""
     flow = Flow(2, layers=layers, rank=rank, init_strength=1.5, seed=layers).double()
     density.init_layers_(flow, 0.5, seed=1)
     x = targets.banana.sample(2000, generator=torch.Generator().manual_seed(0)).double()
     density.standardize_(flow, x)
-    fast = _PReLUChainLogProb(flow)(flow.theta, x)
-    assert torch.allclose(fast, flow().log_prob(x), atol=1e-9, rtol=0)
-    # gradients agree too (the shortcut is what training differentiates)
-    (g_fast,) = torch.autograd.grad(fast.mean(), flow.theta)
-    (g_ref,) = torch.autograd.grad(flow().log_prob(x).mean(), flow.theta)
-    assert torch.allclose(g_fast, g_ref, atol=1e-8)
+    dist = flow()
+    reference = TransformedDistribution(dist.base, dist.transforms).log_prob(x)
+    trained = flow(kink_bandwidth=0.2).log_prob(x)
+    assert torch.allclose(trained, reference, atol=1e-9, rtol=0)
+    # without the boundary term, the gradients agree too (the objective is what fit differentiates)
+    (g_fit,) = torch.autograd.grad(flow(kink_bandwidth=0.0).log_prob(x).mean(), flow.theta)
+    (g_ref,) = torch.autograd.grad(reference.mean(), flow.theta)
+    assert torch.allclose(g_fit, g_ref, atol=1e-8)
 
 
 def test_standardize_matches_moments_and_init_layers_scatters_kinks():
@@ -99,21 +103,27 @@ def test_init_splines_finds_a_lower_shear_in_3d(layers):
     assert kl < 0.005
 
 
-def test_spline_raw_parameters_reproduce_knots_and_derivatives():
+def test_set_layer_spline_reproduces_knots_and_derivatives():
+    """The initializers write splines by their knots: the layer read back goes through them."""
     generator = torch.Generator().manual_seed(0)
     bound, bins = 3.0, 6
+    flow = Flow(2, layers=1, rank=1, nonlinearity="spline", bins=bins, bound=bound).double()
     sizes_x, sizes_y = torch.rand(2, bins, generator=generator, dtype=torch.float64) + 0.1
     knots_x = torch.cat([torch.zeros(1, dtype=torch.float64), sizes_x.cumsum(0)])
     knots_y = torch.cat([torch.zeros(1, dtype=torch.float64), sizes_y.cumsum(0)])
     knots_x = 2 * bound * knots_x / knots_x[-1] - bound
     knots_y = 2 * bound * knots_y / knots_y[-1] - bound
     slopes = torch.rand(bins - 1, generator=generator, dtype=torch.float64) * 3 + 0.2
-    raw = density._spline_raw(knots_x, knots_y, slopes)
-    widths, heights, derivatives = raw.split([bins, bins, bins - 1])
-    spline = Spline(widths[None], heights[None], derivatives[None], bound)
-    assert torch.allclose(spline(knots_x[:, None])[:, 0], knots_y, atol=1e-9)
-    inner = knots_x[1:-1, None].clone().requires_grad_()
-    (grad,) = torch.autograd.grad(spline(inner).sum(), inner)
+    flow.set_layer_(
+        1,
+        knots_x=knots_x.repeat(2, 1),
+        knots_y=knots_y.repeat(2, 1),
+        derivatives=slopes.repeat(2, 1),
+    )
+    spline = flow.layer(1)
+    assert torch.allclose(spline(knots_x[:, None].repeat(1, 2))[:, 0], knots_y, atol=1e-9)
+    inner = knots_x[1:-1, None].repeat(1, 2).requires_grad_()
+    (grad,) = torch.autograd.grad(spline(inner)[:, 0].sum(), inner)
     assert torch.allclose(grad[:, 0], slopes, atol=1e-6)
 
 
@@ -124,11 +134,11 @@ def test_kink_boundary_term_matches_finite_differences():
     data = targets.banana.sample(20_000, generator=torch.Generator().manual_seed(1)).double()
     density.init_hinges_(flow, data)
     x = targets.banana.sample(400_000, generator=torch.Generator().manual_seed(2)).double()
-    fast = _PReLUChainLogProb(flow)
     theta = flow.theta.detach().clone().requires_grad_()
 
     def loss(theta, bandwidth=0.0):
-        return -fast(theta, x, bandwidth=bandwidth).mean()
+        dist = functional_call(flow, {"theta": theta}, (False, bandwidth))
+        return -dist.log_prob(x).mean()
 
     (plain,) = torch.autograd.grad(loss(theta), theta)
     (kernel,) = torch.autograd.grad(loss(theta, 0.2), theta)

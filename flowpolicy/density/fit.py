@@ -1,0 +1,445 @@
+r"""Maximum-likelihood fitting of a :class:`~flowpolicy.flows.Flow`, and its scores.
+
+:func:`fit` minimizes :math:`-\frac{1}{B}\sum_b \log q_\theta(x_b)` with Adam on fresh batches of
+a target (or of a data tensor's rows) and keeps an exponential moving average of the weights;
+:func:`evaluate` scores a flow on fresh samples of an analytic target, with
+:math:`\mathrm{KL}(p\,\|\,q) = \mathbb{E}_p[\log p(x) - \log q(x)]`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+from torch.func import functional_call
+from torch.optim.swa_utils import AveragedModel
+
+from flowpolicy import targets as _targets
+from flowpolicy.density.init import standardize_
+from flowpolicy.flows import Flow
+from flowpolicy.targets import Target
+
+__all__ = ["History", "evaluate", "fit", "resolve_device"]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"``: CUDA when available, else CPU; anything else is checked to be usable.
+
+    :raises ValueError: for a CUDA device when torch sees none, or an unknown device string.
+    """
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu' or 'cuda[:i]'") from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "device 'cuda' was asked for, but no CUDA device is available "
+                "(use --device auto or cpu)"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device} does not exist: {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type != "cpu":
+        raise ValueError(f"unsupported device {device}: use 'auto', 'cpu' or 'cuda[:i]'")
+    return device
+
+
+@dataclass
+class History:
+    """What :func:`fit` measured.
+
+    :ivar loss: training NLL of each step's batch.
+    :ivar lr: learning rate of each step.
+    :ivar eval_step: steps at which the held-out set was scored (with the averaged weights).
+    :ivar nll: held-out NLL at those steps; ``nll_stderr`` its standard error.
+    :ivar kl: :math:`\\mathrm{KL}(p\\|q)` at those steps (analytic targets only, else empty);
+        ``kl_stderr`` its standard error.
+    :ivar entropy: the target's exact entropy (``None`` for data).
+    :ivar train_seconds: wall time of the training steps (evaluations excluded).
+    :ivar steps_per_second: training steps per second.
+    :ivar device: where it ran.
+    """
+
+    loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    eval_step: list[int] = field(default_factory=list)
+    nll: list[float] = field(default_factory=list)
+    nll_stderr: list[float] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)
+    kl_stderr: list[float] = field(default_factory=list)
+    entropy: float | None = None
+    train_seconds: float = 0.0
+    steps_per_second: float = 0.0
+    device: str = "cpu"
+
+    @property
+    def steps(self) -> int:
+        return len(self.loss)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def record(self, step: int, scores: dict[str, float]) -> None:
+        """Append the held-out scores of ``step`` (as returned by :func:`_score`)."""
+        self.eval_step.append(step)
+        self.nll.append(scores["nll"])
+        self.nll_stderr.append(scores["nll_stderr"])
+        if "kl" in scores:
+            self.kl.append(scores["kl"])
+            self.kl_stderr.append(scores["kl_stderr"])
+
+
+# --------------------------------------------------------------------------------------------
+# scores
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _score(
+    flow: Flow, x: Tensor, log_p: Tensor | None, theta: Tensor | None = None, chunk: int = 65536
+) -> dict[str, float]:
+    """Held-out NLL of ``x`` under ``flow``, or under its layout with parameters ``theta`` (and
+    the KL when ``log_p`` is given)."""
+    dist = flow(False) if theta is None else functional_call(flow, {"theta": theta}, (False,))
+    log_q = torch.cat([dist.log_prob(part) for part in x.split(chunk)]).double()
+    n = log_q.numel()
+    out = {"nll": -log_q.mean().item(), "nll_stderr": log_q.std().item() / math.sqrt(n)}
+    if log_p is not None:
+        gap = log_p.double() - log_q
+        out.update(kl=gap.mean().item(), kl_stderr=gap.std().item() / math.sqrt(n))
+    return out
+
+
+def evaluate(
+    flow: Flow,
+    target: Target | str,
+    num_samples: int = 200_000,
+    seed: int = 12345,
+    device: str | torch.device | None = None,
+) -> dict[str, float]:
+    r"""Score a flow on ``num_samples`` fresh samples of an analytic target.
+
+    Returns ``nll`` (:math:`-\frac1n\sum\log q(x_i)`), ``kl`` (:math:`\frac1n\sum[\log p(x_i)
+    - \log q(x_i)]`), their standard errors ``nll_stderr`` and ``kl_stderr``
+    (:math:`\hat\sigma/\sqrt n`) and the exact ``entropy``.
+    """
+    target = _targets.get(target) if isinstance(target, str) else target
+    device = flow.theta.device if device is None else resolve_device(device)
+    flow = flow.to(device)
+    generator = torch.Generator(device).manual_seed(seed)
+    x = target.sample(num_samples, generator=generator, device=device, dtype=flow.theta.dtype)
+    out = _score(flow, x, target.log_prob(x))
+    out["entropy"] = target.entropy()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the pieces of fit
+# --------------------------------------------------------------------------------------------
+
+
+def _check_positive(name: str, value, kind=int) -> None:
+    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+        raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
+
+
+def _check_fit_args(flow, steps, batch_size, lr, time_limit, ema) -> None:
+    if not isinstance(flow, Flow):
+        raise ValueError(f"fit: expected a flowpolicy.Flow, got {type(flow).__name__}")
+    _check_positive("steps", steps)
+    _check_positive("batch_size", batch_size)
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if time_limit is not None and not time_limit > 0:
+        raise ValueError(f"time_limit must be positive, got {time_limit!r}")
+    if ema is not None and not 0 <= ema < 1:
+        raise ValueError(f"ema must be in [0, 1), got {ema!r}")
+
+
+@dataclass
+class _Source:
+    """Where the batches come from: ``draw(n)``, the held-out set and its exact ``log p``
+    (``None`` for data), the data to standardize the flow to and the target's entropy."""
+
+    draw: Callable[[int], Tensor]
+    held: Tensor
+    held_log_p: Tensor | None
+    moments: Tensor
+    entropy: float | None
+
+
+def _data_source(
+    data: Tensor, dim: int, generator: torch.Generator, holdout: float, dtype: torch.dtype
+) -> _Source:
+    """Random batches of the training rows of ``data``; a fraction ``holdout`` is held out."""
+    device = generator.device
+    data = data.to(device=device, dtype=dtype)
+    if data.dim() != 2 or data.shape[1] != dim or len(data) < 2:
+        raise ValueError(f"data must have shape (n >= 2, {dim}), got {tuple(data.shape)}")
+    if not torch.isfinite(data).all():
+        raise ValueError("data contains NaN or inf")
+    order = torch.randperm(len(data), generator=generator, device=device)
+    n_held = min(max(1, int(holdout * len(data))), len(data) - 1)
+    held, train = data[order[:n_held]], data[order[n_held:]]
+
+    def draw(n: int) -> Tensor:
+        return train[torch.randint(len(train), (n,), generator=generator, device=device)]
+
+    return _Source(draw, held, None, held, None)
+
+
+def _target_source(
+    target: Target | str,
+    dim: int,
+    generator: torch.Generator,
+    eval_generator: torch.Generator,
+    eval_samples: int,
+    dtype: torch.dtype,
+) -> _Source:
+    """Fresh samples of an analytic target each step, and a held-out set of its own."""
+    target = _targets.get(target) if isinstance(target, str) else target
+    if not isinstance(target, Target) or target.dim != dim:
+        raise ValueError(f"expected a {dim}-D Target, a target name or a data tensor")
+    device = generator.device
+
+    def draw(n: int) -> Tensor:
+        return target.sample(n, generator=generator, device=device, dtype=dtype)
+
+    held = target.sample(eval_samples, generator=eval_generator, device=device, dtype=dtype)
+    return _Source(draw, held, target.log_prob(held), draw(eval_samples), target.entropy())
+
+
+def _source(
+    target_or_data: Target | str | Tensor,
+    flow: Flow,
+    seed: int,
+    eval_samples: int,
+    holdout: float,
+) -> _Source:
+    """The batches of a data tensor or of a target, on the flow's device and in its dtype."""
+    device, dtype, dim = flow.theta.device, flow.theta.dtype, flow.config["dim"]
+    generator = torch.Generator(device).manual_seed(seed)
+    if isinstance(target_or_data, Tensor):
+        return _data_source(target_or_data, dim, generator, holdout, dtype)
+    eval_generator = torch.Generator(device).manual_seed(seed + 1_000_003)
+    return _target_source(target_or_data, dim, generator, eval_generator, eval_samples, dtype)
+
+
+def _train_step(
+    flow: Flow, optimizer: torch.optim.Optimizer, batch: Tensor, rate: float, bandwidth: float
+) -> Tensor:
+    """One Adam step on the batch's NLL at learning rate ``rate``; returns the (detached) loss.
+    ``bandwidth``: the PReLU kinks' boundary term (:meth:`Flow.forward`)."""
+    for group in optimizer.param_groups:
+        group["lr"] = rate
+    loss = -flow(False, bandwidth).log_prob(batch).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def _learning_rate(done: float, lr: float, final_lr: float, warmup: float) -> float:
+    """Cosine from ``lr`` to ``final_lr * lr`` over the run's progress ``done`` in [0, 1], after
+    a linear warm-up over its first ``warmup`` (Adam's first steps are full-size whatever the
+    gradient)."""
+    rate = lr * (final_lr + (1 - final_lr) * 0.5 * (1 + math.cos(math.pi * done)))
+    return rate * done / warmup if done < warmup else rate
+
+
+def _polyak(decay: float):
+    r"""The ``avg_fn`` of an exponential moving average with a warm-up of the decay,
+    :math:`\beta_n = \min(\text{decay}, (1 + n) / (10 + n))` after ``n`` updates: early on the
+    average forgets fast (as in Polyak averaging)."""
+
+    def average(mean: Tensor, value: Tensor, count: Tensor) -> Tensor:
+        beta = ((1 + count) / (10 + count)).clamp(max=decay).to(mean.dtype)
+        return mean + (1 - beta) * (value - mean)
+
+    return average
+
+
+def _polyak_average(weights: torch.nn.Module, decay: float | None) -> AveragedModel | None:
+    """``torch.optim.swa_utils.AveragedModel`` of ``weights`` with :func:`_polyak`'s decay,
+    started at their current values (``None`` for no average)."""
+    if not decay:
+        return None
+    average = AveragedModel(weights, avg_fn=_polyak(decay))
+    average.update_parameters(weights)
+    return average
+
+
+class _Clock:
+    """Training time (evaluations excluded), the run's progress and when to evaluate: every
+    ``eval_every`` steps, or every tenth of ``time_limit`` when the clock is what ends the run."""
+
+    def __init__(self, steps, time_limit, eval_every, device) -> None:
+        self.steps, self.time_limit, self.device = steps, time_limit, device
+        self.by_time = eval_every is None and time_limit is not None
+        self.eval_every = eval_every or max(1, steps // 10)
+        self.step, self.seconds = 0, 0.0
+        self.next_eval = 0.1 * time_limit if self.by_time else math.inf
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.seconds + time.perf_counter() - self.start
+
+    def progress(self) -> float:
+        """``max(step / steps, elapsed / time_limit)``: whichever budget ends first."""
+        done = self.step / self.steps
+        return done if self.time_limit is None else max(done, self.elapsed() / self.time_limit)
+
+    def eval_due(self) -> bool:
+        if self.step == self.steps:
+            return True
+        if self.by_time:
+            return self.elapsed() >= self.next_eval
+        return self.step % self.eval_every == 0
+
+    def pause(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds += time.perf_counter() - self.start
+        if self.by_time:
+            self.next_eval = self.seconds + 0.1 * self.time_limit
+
+    def resume(self) -> None:
+        self.start = time.perf_counter()
+
+
+def _progress_bar(progress: bool, steps: int, device: torch.device):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=steps, desc=f"fit on {device}", unit="step", dynamic_ncols=True, mininterval=1
+    )
+
+
+def _show(bar, loss: Tensor, history: History) -> None:
+    if bar is not None:
+        info = {"loss": f"{loss.item():.3f}", "nll": f"{history.nll[-1]:.3f}"}
+        if history.kl:
+            info["kl"] = f"{history.kl[-1]:.4f}"
+        bar.set_postfix(info)
+
+
+# --------------------------------------------------------------------------------------------
+# fit
+# --------------------------------------------------------------------------------------------
+
+
+def fit(
+    flow: Flow,
+    target_or_data: Target | str | Tensor,
+    steps: int = 8000,
+    batch_size: int = 4096,
+    lr: float = 3e-3,
+    device: str | torch.device = "auto",
+    seed: int | None = 0,
+    progress: bool = True,
+    *,
+    time_limit: float | None = None,
+    ema: float | None = 0.998,
+    final_lr: float = 0.0,
+    warmup: float = 0.0,
+    standardize: bool = True,
+    eval_every: int | None = None,
+    eval_samples: int = 20_000,
+    holdout: float = 0.1,
+    kink_bandwidth: float = 0.2,
+) -> History:
+    r"""Fit ``flow`` by maximum likelihood: Adam on :math:`-\frac1B\sum_b \log q_\theta(x_b)`.
+
+    Each step draws a fresh batch from the target on the device (or a random batch of the
+    training rows of a data tensor). The learning rate follows a cosine from ``lr`` to
+    ``final_lr * lr`` over the run's progress, :math:`\max(\text{step}/\text{steps},
+    \text{elapsed}/\text{time\_limit})`, so a wall-clock budget anneals too. Held-out scores
+    and the final weights use an exponential moving average of the parameters,
+    :math:`\bar\theta \leftarrow \beta\bar\theta + (1-\beta)\theta` (Polyak averaging, with
+    ``torch.optim.swa_utils.AveragedModel``: it removes most of the SGD noise that would
+    otherwise sit in the KL); the flow ends with :math:`\bar\theta`.
+
+    :param flow: the flow to train (moved to ``device``, trained in place).
+    :param target_or_data: a :class:`~flowpolicy.targets.Target`, a target's name, or a tensor
+        of data of shape ``(n, d)`` (a fraction ``holdout`` of the rows is kept for scoring).
+    :param steps: maximum number of Adam steps (positive).
+    :param batch_size: samples per step.
+    :param lr: peak learning rate.
+    :param device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``...
+    :param seed: seed of the batches and of the held-out set.
+    :param progress: show a tqdm progress bar.
+    :param time_limit: stop after this many seconds of training (the schedule follows it).
+    :param ema: decay :math:`\beta` of the weight average (``None`` or 0: no averaging).
+    :param final_lr: learning rate at the end, as a fraction of ``lr``.
+    :param warmup: fraction of the run over which the learning rate ramps up linearly.
+    :param standardize: first match the flow's output mean and std to the data's
+        (:func:`~flowpolicy.density.standardize_`; skipped for squashed flows).
+    :param eval_every: score the held-out set every this many steps (default: 10 times a run,
+        spaced by the clock when ``time_limit`` is given).
+    :param eval_samples: size of the held-out set of an analytic target.
+    :param holdout: fraction of a data tensor's rows held out.
+    :param kink_bandwidth: affine + PReLU flows only: a sample whose PReLU input crosses 0 changes
+        its log-det by :math:`\log\alpha`, a term of the gradient of the expected NLL with
+        respect to the kinks' positions that backpropagation misses (the per-sample log-det is
+        piecewise constant); it is estimated with a Gaussian kernel of this width, in units of
+        the inputs' std (``flow(kink_bandwidth=...)``; 0: plain backpropagation). Without it
+        the kinks drift out of the data.
+    :returns: a :class:`History`.
+    :raises ValueError: for non-positive steps or batch size, an unknown target, a data tensor
+        of the wrong shape, or an unusable device.
+    """
+    _check_fit_args(flow, steps, batch_size, lr, time_limit, ema)
+    device = resolve_device(device)
+    flow = flow.to(device)
+    seed = 0 if seed is None else seed
+    source = _source(target_or_data, flow, seed, eval_samples, holdout)
+    if standardize and not flow.config["squash"]:
+        standardize_(flow, source.moments, seed=seed)
+    optimizer = torch.optim.Adam([flow.theta], lr=lr)
+    weights = torch.nn.ParameterList([flow.theta])  # the average needs no copy of the buffers
+    average = _polyak_average(weights, ema)
+    averaged = None if average is None else average.module[0]
+    history = History(entropy=source.entropy, device=str(device))
+    clock, losses = _Clock(steps, time_limit, eval_every, device), []
+    bar = _progress_bar(progress, steps, device)
+
+    def checkpoint() -> None:  # the losses so far, and the held-out scores
+        clock.pause()
+        history.loss.extend(torch.stack(losses).tolist() if losses else [])
+        losses.clear()
+        history.record(clock.step, _score(flow, source.held, source.held_log_p, averaged))
+        clock.resume()
+
+    while (done := clock.progress()) < 1:
+        history.lr.append(_learning_rate(done, lr, final_lr, warmup))
+        batch = source.draw(batch_size)
+        loss = _train_step(flow, optimizer, batch, history.lr[-1], kink_bandwidth)
+        if average is not None:
+            average.update_parameters(weights)
+        losses.append(loss)  # no .item() per step: it would sync a GPU every step
+        clock.step += 1
+        if bar is not None:
+            bar.update()
+        if clock.eval_due():
+            checkpoint()
+            _show(bar, loss, history)
+    if not history.eval_step or history.eval_step[-1] != clock.step:  # the clock ended the run
+        checkpoint()
+    if bar is not None:
+        bar.close()
+    if averaged is not None:
+        with torch.no_grad():
+            flow.theta.copy_(averaged)
+    history.train_seconds = clock.seconds
+    history.steps_per_second = clock.step / max(clock.seconds, 1e-9)
+    return history
