@@ -40,10 +40,9 @@ import torch
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from torch import Tensor
-from torch.distributions import Distribution, Independent, Normal
+from torch.distributions import Distribution
 
-from flowpolicy.bijectors import Tanh
-from flowpolicy.flows import FlowDistribution
+from flowpolicy.flows import squashed_gaussian
 
 __all__ = [
     "QGapCallback",
@@ -77,8 +76,8 @@ def action_distribution(policy: Any, obs: Any) -> Distribution:
 
     :param policy: one of: an SB3 algorithm (``SAC``), a ``SACPolicy`` (its actor is used), an
         actor with ``action_distribution(obs)`` (the flow actor), SB3's Gaussian SAC ``Actor``
-        (its tanh-squashed diagonal Gaussian, rebuilt as a
-        :class:`~flowpolicy.flows.FlowDistribution` with an exact, stable log-density), a torch
+        (its tanh-squashed diagonal Gaussian, rebuilt by
+        :func:`~flowpolicy.flows.squashed_gaussian` with an exact, stable log-density), a torch
         ``Distribution`` (returned as is; ``obs`` is ignored), or any callable mapping an
         observation tensor ``(S, obs_dim)`` to a distribution with batch shape ``(S,)``.
     :param obs: observations, shape ``(obs_dim,)`` or ``(S, obs_dim)``.
@@ -97,8 +96,7 @@ def action_distribution(policy: Any, obs: Any) -> Distribution:
         if getattr(policy, "use_sde", False):
             raise ValueError("action_distribution: gSDE actors are not supported")
         mean, log_std, _ = policy.get_action_dist_params(obs_t)
-        base = Independent(Normal(mean, log_std.exp()), 1)
-        return FlowDistribution(base, [Tanh()])
+        return squashed_gaussian(mean, log_std.exp())
     if callable(policy):
         dist = policy(obs_t)
         if not isinstance(dist, Distribution):

@@ -15,22 +15,28 @@ distribution (several modes, skew, correlations), not only its location, depends
 
 Everything else is SB3's: the critics, the features extractor, ``net_arch``, the optimizers,
 ``predict`` (which rescales actions from ``[-1, 1]`` to the action space), saving and loading.
+The flow's settings are one dict, ``policy_kwargs=dict(flow_kwargs=...)``, as SB3 takes a
+features extractor's; ``policy_kwargs=dict(symmetry=reflection)`` makes the critic symmetric
+(:mod:`flowpolicy.symmetry`); :class:`EntropyCallback` logs the policy's entropy.
 
 Example:
     >>> from stable_baselines3 import SAC
     >>> import flowpolicy
-    >>> model = SAC(flowpolicy.FlowPolicy, "Pendulum-v1", policy_kwargs=dict(flow_layers=4))
-    >>> model.learn(5_000)
+    >>> model = SAC(
+    ...     flowpolicy.FlowPolicy,
+    ...     "Pendulum-v1",
+    ...     policy_kwargs=dict(flow_kwargs=dict(layers=4, nonlinearity="spline")),
+    ... )
+    >>> model.learn(5_000, callback=flowpolicy.EntropyCallback())  # logs train/entropy
 """
 
 from __future__ import annotations
 
-import math
-import sys
 from typing import Any
 
 import torch
 from gymnasium import spaces
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.preprocessing import get_action_dim
 from stable_baselines3.common.torch_layers import (
@@ -39,56 +45,38 @@ from stable_baselines3.common.torch_layers import (
     create_mlp,
 )
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
-from stable_baselines3.sac.policies import SACPolicy
 from torch import Tensor, nn
 
-from flowpolicy.flows import ConditionalFlow, FlowDistribution
+from flowpolicy.flows import ConditionalFlow, FlowDistribution, quasi_normal
+from flowpolicy.symmetry import Reflection, SymmetricSACPolicy
 
-__all__ = ["FlowActor", "FlowPolicy"]
+__all__ = ["DEFAULT_FLOW_KWARGS", "EntropyCallback", "FlowActor", "FlowPolicy"]
 
-# The deterministic action is the densest sample among those with at least this fraction of the
-# largest kernel mass. Measured on exact mixtures (K = 64): best-of-K by density picked a thin
-# central ridge holding 10% of the mass 98% of the time; a ratio of 0.5 still did 29% of the
-# time, 0.9 never (0.7% for a ridge holding 20%), and on a unimodal Gaussian it stays exact.
-_MODE_MASS_RATIO = 0.9
+DEFAULT_FLOW_KWARGS: dict[str, Any] = dict(
+    layers=4,
+    rank=1,
+    nonlinearity="prelu",
+    # the latent MLP (net_arch) is the hypernetwork's body: a linear head suffices
+    hidden=(),
+    # With ConditionalFlow's 1.0, the initial PReLU policies put up to 23% (1-D) and 25% (2-D) of
+    # their actions within 1e-3 of the bounds, over 8 seeds (a tanh-squashed N(0, 1), SB3's
+    # start, puts 0.01% there); with 0.5, at most 3.4% and 7.4%.
+    init_strength=0.5,
+    # bound on the raw flow parameters, as SB3 clamps a Gaussian's log_std: the flow stays
+    # finite even for observations of 1e6
+    param_bound=10.0,
+)
+"""The policy's flow settings; ``flow_kwargs`` entries replace them (ConditionalFlow's
+arguments, except ``dim``, ``context_dim`` and ``squash``, which the actor sets)."""
 
-# Initialization spread of the policy's flow. With ConditionalFlow's 1.0, the initial PReLU
-# policies put up to 23% (1-D) and 25% (2-D) of their actions within 1e-3 of the bounds, over 8
-# seeds (a tanh-squashed N(0, 1), SB3's start, puts 0.01% there); with 0.5, at most 3.4% and 7.4%.
-DEFAULT_INIT_STRENGTH = 0.5
+# set by the actor from the spaces, not by the user
+_RESERVED_FLOW_KWARGS = ("dim", "context_dim", "squash")
 
-# Bound on the flow's raw parameters (log-slopes, shifts, scale entries, spline logits), as SB3
-# clamps a Gaussian's log_std: with it the flow stays finite even for observations of 1e6.
-_THETA_MAX = 10.0
+# SACPolicy passes these Gaussian (gSDE) settings to its actor; a flow has no use for them
+_GAUSSIAN_ACTOR_KWARGS = ("use_sde", "log_std_init", "use_expln", "clip_mean")
 
 # Observation spaces SB3's preprocessing turns into one flat float vector (FlattenExtractor).
 _FLAT_OBS_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
-
-
-def _quasi_normal(num: int, dim: int, seed: int = 0) -> Tensor:
-    r"""``num`` quasi-random standard-normal vectors: scrambled Sobol points through the normal
-    inverse CDF, :math:`z = \sqrt{2}\,\mathrm{erfinv}(2u - 1)` (they cover the base evenly)."""
-    sobol = torch.quasirandom.SobolEngine(dim, scramble=True, seed=seed)
-    u = sobol.draw(num, dtype=torch.float64).clamp(1e-6, 1 - 1e-6)
-    return (math.sqrt(2.0) * torch.erfinv(2 * u - 1)).float()
-
-
-def _select_mode(samples: Tensor, log_prob: Tensor, bandwidth: float = 1.0) -> Tensor:
-    r"""Per column ``n``, the densest of the samples whose kernel mass is near the largest.
-
-    :param samples: ``(K, n, d)`` samples of ``n`` distributions.
-    :param log_prob: ``(K, n)`` their exact log-densities.
-    :param bandwidth: factor on Scott's bandwidth, :math:`h_j = c K^{-1/(d+4)} \mathrm{std}_j`.
-    :return: ``(n, d)`` one sample per distribution (see :class:`FlowActor`).
-    """
-    num, _, d = samples.shape
-    h = (bandwidth * num ** (-1.0 / (d + 4)) * samples.std(0)).clamp_min(1e-6)  # (n, d)
-    u = samples / h
-    distance2 = (u[:, None] - u[None, :]).pow(2).sum(-1)  # (K, K, n)
-    mass = torch.logsumexp(-0.5 * distance2, dim=1)  # (K, n): log of K times the kernel mass
-    massive = mass >= mass.max(0, keepdim=True).values + math.log(_MODE_MASS_RATIO)
-    best = torch.where(massive, log_prob, -math.inf).argmax(0)  # (n,)
-    return samples.gather(0, best[None, :, None].expand(1, -1, d))[0]
 
 
 def _check_spaces(
@@ -137,22 +125,21 @@ class FlowActor(BasePolicy):
     :class:`~flowpolicy.flows.FlowDistribution` itself, whose ``log_prob`` takes any actions in
     :math:`(-1, 1)^d` (behaviour cloning, analysis, plots).
 
-    Network: features extractor, then an MLP latent :math:`h(s)` (``net_arch``, as in SB3), then a
-    linear head :math:`\theta(s) = W h(s) + b` giving every parameter of the flow.
+    Network: features extractor, then an MLP latent :math:`h(s)` (``net_arch``, as in SB3), then
+    the :class:`~flowpolicy.flows.ConditionalFlow` whose linear head
+    :math:`\theta(s) = W h(s) + b` gives every parameter of the flow.
 
     **Deterministic action.** Not the image of the base mean: for a bimodal flow that lands
-    between the modes (for a lake, in the water). Fixed base vectors :math:`z_1..z_K` (a buffer,
-    quasi-random normal) are pushed through the state's flow to :math:`a_k` with exact
-    :math:`\log\pi(a_k)`; each sample gets the probability mass around it, estimated by a kernel
-    density over the samples with a per-state, per-dimension bandwidth
-    :math:`h_j = c\,K^{-1/(d+4)}\,\mathrm{std}_k(a_{kj})` (Scott's rule times ``mode_bandwidth``),
+    between the modes (for a lake, in the water). It is
+    ``dist.high_density_sample(mode_noise, mode_bandwidth)``: ``mode_samples`` fixed
+    quasi-random base vectors (the buffer ``mode_noise``, saved with the weights) are pushed
+    through the state's flow, and the densest of the samples that carry nearly the most kernel
+    mass is returned (see :meth:`~flowpolicy.flows.FlowDistribution.high_density_sample`). The
+    same observation always gives the same action.
 
-    .. math:: m_k = \log \sum_l \exp\Big(-\tfrac12 \sum_j (a_{kj} - a_{lj})^2 / h_j^2\Big),
-
-    and the action is the most probable sample (largest :math:`\log\pi`) among those whose mass
-    is at least 90% of the largest. A thin ridge of high density but little mass (measured to
-    make best-of-K by density alone drown in the lake) is not chosen, and among the samples in
-    the most massive region the densest wins. The same observation always gives the same action.
+    **Entropy.** Each ``action_log_prob`` call with gradients (SAC's actor loss) adds
+    :math:`-\frac1n \sum_i \log\pi(a_i \mid s_i)` to a running mean that :meth:`pop_entropy`
+    returns and resets; :class:`EntropyCallback` logs it as ``train/entropy``.
 
     :param observation_space: Observation space.
     :param action_space: Action space (a bounded ``Box``).
@@ -160,22 +147,11 @@ class FlowActor(BasePolicy):
     :param features_extractor: Network to extract features.
     :param features_dim: Number of features.
     :param activation_fn: Activation function of the MLP.
-    :param flow_layers: Number of (affine, nonlinearity) blocks of the flow.
-    :param rank: Rank of the low-rank update of each affine layer (``0 <= rank <= action dim``).
-    :param nonlinearity: ``"prelu"`` or ``"spline"`` (rational-quadratic, for separated modes).
-    :param bins: Spline bins.
-    :param bound: Spline interval ``[-bound, bound]`` (identity outside).
-    :param init_strength: Spread of the flow's random initialization (default
-        ``DEFAULT_INIT_STRENGTH`` = 0.5, a broad, unsaturated start; ``None``: the default of
-        :class:`~flowpolicy.flows.ConditionalFlow`).
-    :param head_scale: Scale of the head's initial weights (``None``: ConditionalFlow's default).
+    :param flow_kwargs: Settings of the :class:`~flowpolicy.flows.ConditionalFlow` (``layers``,
+        ``rank``, ``nonlinearity``, ``bins``, ``bound``, ``init_strength``, ``head_scale``,
+        ``param_bound``, ...), on top of :data:`DEFAULT_FLOW_KWARGS`; checked by ConditionalFlow.
     :param mode_samples: Number ``K`` of fixed base samples searched for the deterministic action.
-    :param mode_bandwidth: Factor ``c`` on Scott's bandwidth in the mass estimate.
-    :param use_sde: Must be ``False`` (accepted because SAC always passes it).
-    :param log_std_init: Ignored (a Gaussian parameter SACPolicy passes).
-    :param full_std: Ignored (gSDE).
-    :param use_expln: Ignored (gSDE).
-    :param clip_mean: Ignored (gSDE).
+    :param mode_bandwidth: Factor on Scott's bandwidth in the deterministic action's mass score.
     :param normalize_images: Whether to divide images by 255.
     """
 
@@ -189,26 +165,17 @@ class FlowActor(BasePolicy):
         features_extractor: nn.Module,
         features_dim: int,
         activation_fn: type[nn.Module] = nn.ReLU,
-        flow_layers: int = 4,
-        rank: int = 1,
-        nonlinearity: str = "prelu",
-        bins: int = 8,
-        bound: float = 4.0,
-        init_strength: float | None = DEFAULT_INIT_STRENGTH,
-        head_scale: float | None = None,
+        flow_kwargs: dict[str, Any] | None = None,
         mode_samples: int = 64,
         mode_bandwidth: float = 1.0,
-        use_sde: bool = False,
-        log_std_init: float = -3,
-        full_std: bool = True,
-        use_expln: bool = False,
-        clip_mean: float = 2.0,
         normalize_images: bool = True,
     ) -> None:
-        if use_sde:
+        flow_kwargs = {**DEFAULT_FLOW_KWARGS, **(flow_kwargs or {})}
+        reserved = [key for key in _RESERVED_FLOW_KWARGS if key in flow_kwargs]
+        if reserved:
             raise ValueError(
-                "FlowActor: use_sde=True (gSDE) is not available for a flow policy: its "
-                "exploration noise is the flow's base noise; use SAC(..., use_sde=False)"
+                f"flow_kwargs: {reserved} are set by the actor from the action space and the "
+                f"latent size; leave them out"
             )
         if not isinstance(mode_samples, int) or mode_samples < 2:
             raise ValueError(f"mode_samples must be an integer >= 2, got {mode_samples!r}")
@@ -224,40 +191,17 @@ class FlowActor(BasePolicy):
         self.net_arch = net_arch
         self.features_dim = features_dim
         self.activation_fn = activation_fn
-        self.use_sde = use_sde
-        self.log_std_init = log_std_init
-        self.full_std = full_std
-        self.use_expln = use_expln
-        self.clip_mean = clip_mean
-        self.flow_layers = flow_layers
-        self.rank = rank
-        self.nonlinearity = nonlinearity
-        self.bins = bins
-        self.bound = bound
-        self.init_strength = init_strength
-        self.head_scale = head_scale
+        self.flow_kwargs = flow_kwargs
         self.mode_samples = mode_samples
         self.mode_bandwidth = mode_bandwidth
 
         action_dim = get_action_dim(self.action_space)
         self.latent_pi = nn.Sequential(*create_mlp(features_dim, -1, net_arch, activation_fn))
         latent_dim = net_arch[-1] if len(net_arch) > 0 else features_dim
-        optional = dict(init_strength=init_strength, head_scale=head_scale)
-        self.flow = ConditionalFlow(
-            dim=action_dim,
-            context_dim=latent_dim,
-            layers=flow_layers,
-            rank=rank,
-            hidden=(),  # the latent MLP is the hypernetwork's body: a linear head suffices
-            nonlinearity=nonlinearity,
-            squash=True,
-            bins=bins,
-            bound=bound,
-            **{key: value for key, value in optional.items() if value is not None},
-        )
+        self.flow = ConditionalFlow(action_dim, latent_dim, squash=True, **flow_kwargs)
         # fixed base points of the deterministic action, saved with the weights
-        self.register_buffer("mode_noise", _quasi_normal(mode_samples, action_dim))
-        # running sum of -mean log pi over training batches, read by FlowPolicy's logging
+        self.register_buffer("mode_noise", quasi_normal(mode_samples, action_dim))
+        # running sum of -mean log pi over training batches, read by pop_entropy
         self._entropy_sum: Tensor | None = None
         self._entropy_count = 0
 
@@ -269,20 +213,9 @@ class FlowActor(BasePolicy):
                 features_dim=self.features_dim,
                 activation_fn=self.activation_fn,
                 features_extractor=self.features_extractor,
-                flow_layers=self.flow_layers,
-                rank=self.rank,
-                nonlinearity=self.nonlinearity,
-                bins=self.bins,
-                bound=self.bound,
-                init_strength=self.init_strength,
-                head_scale=self.head_scale,
+                flow_kwargs=self.flow_kwargs,
                 mode_samples=self.mode_samples,
                 mode_bandwidth=self.mode_bandwidth,
-                use_sde=self.use_sde,
-                log_std_init=self.log_std_init,
-                full_std=self.full_std,
-                use_expln=self.use_expln,
-                clip_mean=self.clip_mean,
             )
         )
         return data
@@ -299,14 +232,13 @@ class FlowActor(BasePolicy):
         :return: The distribution; ``log_prob(actions)`` takes actions in ``(-1, 1)``.
         """
         features = self.extract_features(obs, self.features_extractor)
-        # bounded raw parameters keep the flow finite for any observation (as SB3 clamps log_std)
-        theta = self.flow.hyper(self.latent_pi(features)).clamp(-_THETA_MAX, _THETA_MAX)
-        return self.flow.layout(theta, validate_args)
+        return self.flow(self.latent_pi(features), validate_args)
 
     def forward(self, obs: PyTorchObs, deterministic: bool = False) -> Tensor:
         dist = self.action_distribution(obs)
         if deterministic:
-            return self.mode(dist)
+            with torch.no_grad():
+                return dist.high_density_sample(self.mode_noise, self.mode_bandwidth)
         return dist.rsample()
 
     def action_log_prob(self, obs: PyTorchObs) -> tuple[Tensor, Tensor]:
@@ -334,43 +266,27 @@ class FlowActor(BasePolicy):
         self._entropy_sum, self._entropy_count = None, 0
         return value
 
-    @torch.no_grad()
-    def mode(self, dist: FlowDistribution) -> Tensor:
-        """A high-density action per state: the densest of the fixed samples that carry the most
-        mass (see the class docstring). Vectorized over the batch.
-
-        :param dist: A distribution returned by :meth:`action_distribution`.
-        :return: Actions of shape ``dist.batch_shape + (d,)``.
-        """
-        batch, d = dist.batch_shape, dist.event_shape[0]
-        num = self.mode_samples
-        z = self.mode_noise.view((num,) + (1,) * len(batch) + (d,))
-        x, log_prob = dist.push_forward(z)  # (K, *batch, d), (K, *batch)
-        x = x.expand((num,) + batch + (d,)).reshape(num, -1, d)
-        log_prob = log_prob.expand((num,) + batch).reshape(num, -1)
-        return _select_mode(x, log_prob, self.mode_bandwidth).reshape(batch + (d,))
-
     def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> Tensor:
         return self(observation, deterministic)
 
 
-class FlowPolicy(SACPolicy):
+class FlowPolicy(SymmetricSACPolicy):
     r"""SAC policy (actor and critics) with a :class:`FlowActor`: ``SAC(FlowPolicy, env)``.
 
     The critics, features extractors and optimizers are SB3's
     (:class:`~stable_baselines3.sac.policies.SACPolicy`); only the actor's distribution changes.
-    During training, ``train/entropy`` (the mean of :math:`-\log\pi(a \mid s)` over the actor's
-    training batches) is recorded in the algorithm's logger, next to SAC's ``train/ent_coef``.
+    With ``symmetry``, the critics are symmetric by construction
+    (:class:`~flowpolicy.symmetry.SymmetricCritic`). To log ``train/entropy`` (the mean of
+    :math:`-\log\pi(a \mid s)` over the actor's training batches) next to SAC's
+    ``train/ent_coef``, pass ``callback=EntropyCallback()`` to ``learn``.
 
     :param observation_space: Observation space.
     :param action_space: Action space (a bounded ``Box``).
     :param lr_schedule: Learning rate schedule (could be constant).
     :param net_arch: The specification of the policy and value networks (SB3's format).
     :param activation_fn: Activation function.
-    :param use_sde: Must be ``False``: gSDE has no meaning for a flow.
-    :param log_std_init: Ignored (accepted because SAC passes it).
-    :param use_expln: Ignored (gSDE).
-    :param clip_mean: Ignored (gSDE).
+    :param use_sde: Must be ``False`` (SAC passes it): gSDE perturbs a Gaussian's mean, the flow
+        explores through its own base noise.
     :param features_extractor_class: Features extractor to use.
     :param features_extractor_kwargs: Keyword arguments to pass to the features extractor.
     :param normalize_images: Whether to normalize images or not, dividing by 255.0.
@@ -380,17 +296,14 @@ class FlowPolicy(SACPolicy):
     :param n_critics: Number of critic networks to create.
     :param share_features_extractor: Whether to share the features extractor between the actor
         and the critic.
-    :param flow_layers: Number of (affine, nonlinearity) blocks of the flow.
-    :param rank: Rank of the low-rank update of each affine layer.
-    :param nonlinearity: ``"prelu"`` or ``"spline"``.
-    :param bins: Spline bins.
-    :param bound: Spline interval ``[-bound, bound]``.
-    :param init_strength: Spread of the flow's initialization (``None``: ConditionalFlow's).
-        The default, 0.5, keeps the initial policy broad but unsaturated (see
-        ``DEFAULT_INIT_STRENGTH``).
-    :param head_scale: Scale of the flow head's initial weights (``None``: ConditionalFlow's).
+    :param flow_kwargs: The flow's settings, arguments of
+        :class:`~flowpolicy.flows.ConditionalFlow` (e.g. ``dict(layers=4, rank=1,
+        nonlinearity="spline")``) on top of :data:`DEFAULT_FLOW_KWARGS` (4 PReLU layers, rank 1,
+        ``init_strength=0.5``, ``param_bound=10``).
     :param mode_samples: Fixed base samples searched for the deterministic action.
     :param mode_bandwidth: Factor on Scott's bandwidth of the deterministic action's mass score.
+    :param symmetry: A :class:`~flowpolicy.symmetry.Reflection` of the task: the critic and its
+        target become symmetric, :math:`Q(s, a) = Q(Ms, M_a a)`.
     """
 
     actor: FlowActor
@@ -403,9 +316,6 @@ class FlowPolicy(SACPolicy):
         net_arch: list[int] | dict[str, list[int]] | None = None,
         activation_fn: type[nn.Module] = nn.ReLU,
         use_sde: bool = False,
-        log_std_init: float = -3,
-        use_expln: bool = False,
-        clip_mean: float = 2.0,
         features_extractor_class: type[BaseFeaturesExtractor] = FlattenExtractor,
         features_extractor_kwargs: dict[str, Any] | None = None,
         normalize_images: bool = True,
@@ -413,15 +323,10 @@ class FlowPolicy(SACPolicy):
         optimizer_kwargs: dict[str, Any] | None = None,
         n_critics: int = 2,
         share_features_extractor: bool = False,
-        flow_layers: int = 4,
-        rank: int = 1,
-        nonlinearity: str = "prelu",
-        bins: int = 8,
-        bound: float = 4.0,
-        init_strength: float | None = DEFAULT_INIT_STRENGTH,
-        head_scale: float | None = None,
+        flow_kwargs: dict[str, Any] | None = None,
         mode_samples: int = 64,
         mode_bandwidth: float = 1.0,
+        symmetry: Reflection | None = None,
     ) -> None:
         # checked before SACPolicy.__init__, which builds the networks
         if use_sde:
@@ -430,17 +335,9 @@ class FlowPolicy(SACPolicy):
                 "flow explores through its own base noise); use SAC(..., use_sde=False)"
             )
         _check_spaces(observation_space, action_space, features_extractor_class)
-        # flow settings (rank, nonlinearity, ...) are checked by ConditionalFlow in make_actor
-        self.flow_kwargs = dict(
-            flow_layers=flow_layers,
-            rank=rank,
-            nonlinearity=nonlinearity,
-            bins=bins,
-            bound=bound,
-            init_strength=init_strength,
-            head_scale=head_scale,
-            mode_samples=mode_samples,
-            mode_bandwidth=mode_bandwidth,
+        # read by make_actor; the flow settings are checked by ConditionalFlow there
+        self._flow_actor_kwargs = dict(
+            flow_kwargs=flow_kwargs, mode_samples=mode_samples, mode_bandwidth=mode_bandwidth
         )
         super().__init__(
             observation_space,
@@ -448,10 +345,6 @@ class FlowPolicy(SACPolicy):
             lr_schedule,
             net_arch=net_arch,
             activation_fn=activation_fn,
-            use_sde=use_sde,
-            log_std_init=log_std_init,
-            use_expln=use_expln,
-            clip_mean=clip_mean,
             features_extractor_class=features_extractor_class,
             features_extractor_kwargs=features_extractor_kwargs,
             normalize_images=normalize_images,
@@ -459,38 +352,51 @@ class FlowPolicy(SACPolicy):
             optimizer_kwargs=optimizer_kwargs,
             n_critics=n_critics,
             share_features_extractor=share_features_extractor,
+            symmetry=symmetry,
         )
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
-        data.update(self.flow_kwargs)
-        # SACPolicy leaves this one out; it changes the networks, so keep it
-        data["share_features_extractor"] = self.share_features_extractor
+        for key in _GAUSSIAN_ACTOR_KWARGS:
+            data.pop(key)
+        # the actor's settings, flow defaults included, so a load rebuilds the same flow
+        data.update(
+            flow_kwargs=self.actor.flow_kwargs,
+            mode_samples=self.actor.mode_samples,
+            mode_bandwidth=self.actor.mode_bandwidth,
+        )
         return data
 
     def make_actor(self, features_extractor: BaseFeaturesExtractor | None = None) -> FlowActor:
         actor_kwargs = self._update_features_extractor(self.actor_kwargs, features_extractor)
-        return FlowActor(**actor_kwargs, **self.flow_kwargs).to(self.device)
+        for key in _GAUSSIAN_ACTOR_KWARGS:
+            actor_kwargs.pop(key)
+        return FlowActor(**actor_kwargs, **self._flow_actor_kwargs).to(self.device)
 
-    def set_training_mode(self, mode: bool) -> None:
-        """Put the policy in training or evaluation mode (batch norm, dropout).
 
-        Also the logging hook: SB3 gives a policy no handle on its algorithm's logger, but
-        off-policy algorithms call ``self.policy.set_training_mode(False)`` at the start of every
-        rollout, right after the previous ``train()``. When the caller is such an algorithm (it
-        owns this policy and has a logger), the entropy estimate of the last ``train()`` is
-        recorded there as ``train/entropy``, to be written with SAC's ``train/ent_coef``.
-        """
-        super().set_training_mode(mode)
-        if mode or self.actor._entropy_sum is None:
-            return
-        owner = sys._getframe(1).f_locals.get("self")
-        if owner is None or getattr(owner, "policy", None) is not self:
-            return
-        try:
-            logger = owner.logger
-        except AttributeError:  # an algorithm before its first learn() has no logger yet
-            return
-        entropy = self.actor.pop_entropy()
+class EntropyCallback(BaseCallback):
+    r"""Log the entropy of a :class:`FlowPolicy` during ``learn`` as ``train/entropy``.
+
+    The value is the mean of :math:`-\log\pi(a \mid s)` over the actor's training batches of
+    the last ``train()`` (:meth:`FlowActor.pop_entropy`, no extra forward pass), recorded at the
+    start of each rollout, so SB3 writes it with ``train/ent_coef`` and the losses.
+
+    Example:
+        >>> model.learn(10_000, callback=EntropyCallback())
+    """
+
+    def _init_callback(self) -> None:
+        if not hasattr(self.model.policy.actor, "pop_entropy"):
+            raise ValueError(
+                f"EntropyCallback needs a FlowPolicy's actor (with pop_entropy), got "
+                f"{type(self.model.policy.actor).__name__}"
+            )
+        self.model.policy.actor.pop_entropy()  # start from this run's batches
+
+    def _on_rollout_start(self) -> None:
+        entropy = self.model.policy.actor.pop_entropy()
         if entropy is not None:
-            logger.record("train/entropy", entropy)
+            self.logger.record("train/entropy", entropy)
+
+    def _on_step(self) -> bool:
+        return True

@@ -11,10 +11,9 @@ import pytest
 import torch
 from stable_baselines3 import SAC
 from stable_baselines3.common.logger import configure
-from torch.distributions import Independent, Normal
+from torch.distributions import Normal
 
 import flowpolicy
-from flowpolicy.bijectors import Tanh
 from flowpolicy.diagnostics import (
     QGapCallback,
     action_distribution,
@@ -24,14 +23,9 @@ from flowpolicy.diagnostics import (
     region_mass,
     side_mass,
 )
-from flowpolicy.flows import FlowDistribution
+from flowpolicy.flows import squashed_gaussian
 
 torch.set_num_threads(1)
-
-
-def squashed_gaussian(mean, std) -> FlowDistribution:
-    mean, std = torch.as_tensor(mean), torch.as_tensor(std)
-    return FlowDistribution(Independent(Normal(mean, std), 1), [Tanh()])
 
 
 def test_action_grid_covers_the_square():
@@ -112,7 +106,7 @@ def lake_models():
     flow = SAC(
         flowpolicy.FlowPolicy,
         "LakeCrossing-v0",
-        policy_kwargs=dict(**arch, nonlinearity="spline", flow_layers=2),
+        policy_kwargs=dict(**arch, flow_kwargs=dict(nonlinearity="spline", layers=2)),
         **kwargs,
     )
     return gaussian, flow

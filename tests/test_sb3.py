@@ -19,10 +19,11 @@ from stable_baselines3 import SAC
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import KVWriter, Logger
 from stable_baselines3.common.vec_env import VecNormalize
+from stable_baselines3.sac.policies import SACPolicy
 
 import flowpolicy
-from flowpolicy import FlowActor, FlowPolicy
-from flowpolicy.sb3 import _select_mode
+from flowpolicy.flows import _select_mode
+from flowpolicy.sb3 import DEFAULT_FLOW_KWARGS, EntropyCallback, FlowActor, FlowPolicy
 
 torch.set_num_threads(1)
 
@@ -46,7 +47,8 @@ class Capture(KVWriter):
 
 
 def make_policy(nonlinearity: str = "prelu", action_space=ACTION_SPACE_2D, **kwargs) -> FlowPolicy:
-    return FlowPolicy(OBS_SPACE, action_space, constant_lr, nonlinearity=nonlinearity, **kwargs)
+    flow_kwargs = dict(nonlinearity=nonlinearity, **kwargs.pop("flow_kwargs", {}))
+    return FlowPolicy(OBS_SPACE, action_space, constant_lr, flow_kwargs=flow_kwargs, **kwargs)
 
 
 def random_obs(n: int, seed: int = 0) -> torch.Tensor:
@@ -63,7 +65,7 @@ def test_sac_learns_pendulum_and_logs_entropy():
     capture = Capture()
     model.set_logger(Logger(folder=None, output_formats=[capture]))
     before = [p.detach().clone() for p in model.actor.parameters()]
-    model.learn(300, log_interval=1)
+    model.learn(300, log_interval=1, callback=EntropyCallback())
 
     assert model._n_updates > 0
     changed = [not torch.equal(a, b) for a, b in zip(before, model.actor.parameters())]
@@ -96,7 +98,9 @@ def test_sac_with_several_envs_and_vecnormalize(nonlinearity):
         batch_size=32,
         train_freq=2,
         gradient_steps=2,
-        policy_kwargs=dict(nonlinearity=nonlinearity, net_arch=[32, 32], flow_layers=2),
+        policy_kwargs=dict(
+            net_arch=[32, 32], flow_kwargs=dict(nonlinearity=nonlinearity, layers=2)
+        ),
         seed=1,
     )
     model.learn(120)
@@ -107,20 +111,27 @@ def test_sac_with_several_envs_and_vecnormalize(nonlinearity):
     assert np.array_equal(actions, model.predict(obs, deterministic=True)[0])
 
 
+def test_entropy_is_logged_by_the_callback_not_by_the_policy():
+    """No hidden hook: the policy's training-mode switch is SACPolicy's, and without the callback
+    nothing is logged; the callback refuses an actor that records no entropy."""
+    assert FlowPolicy.set_training_mode is SACPolicy.set_training_mode
+    model = SAC(FlowPolicy, "Pendulum-v1", learning_starts=32, batch_size=16, seed=0)
+    capture = Capture()
+    model.set_logger(Logger(folder=None, output_formats=[capture]))
+    model.learn(240, log_interval=1)
+    assert model._n_updates > 0 and capture.records
+    assert not any("train/entropy" in r for r in capture.records)
+    gaussian = SAC("MlpPolicy", "Pendulum-v1", learning_starts=10, seed=0)
+    with pytest.raises(ValueError, match="EntropyCallback"):
+        gaussian.learn(20, callback=EntropyCallback())
+
+
 # --- saving and loading ---------------------------------------------------------------------
 
-CUSTOM = dict(
-    flow_layers=2,
-    rank=2,
-    nonlinearity="spline",
-    bins=5,
-    bound=3.0,
-    init_strength=0.5,
-    head_scale=0.1,
-    mode_samples=32,
-    mode_bandwidth=0.8,
-    net_arch=[16, 16],
+CUSTOM_FLOW = dict(
+    layers=2, rank=2, nonlinearity="spline", bins=5, bound=3.0, init_strength=0.5, head_scale=0.1
 )
+CUSTOM = dict(flow_kwargs=CUSTOM_FLOW, mode_samples=32, mode_bandwidth=0.8, net_arch=[16, 16])
 
 
 def assert_same_policy(a: FlowPolicy, b: FlowPolicy) -> None:
@@ -133,8 +144,9 @@ def assert_same_policy(a: FlowPolicy, b: FlowPolicy) -> None:
             b.actor.action_distribution(obs).log_prob(actions),
         )
     np.testing.assert_array_equal(a.actor.mode_noise, b.actor.mode_noise)
-    for key, value in CUSTOM.items():
-        assert getattr(b.actor, key, b.net_arch) == value
+    assert b.actor.flow_kwargs == {**DEFAULT_FLOW_KWARGS, **CUSTOM_FLOW}
+    assert (b.actor.mode_samples, b.actor.mode_bandwidth) == (32, 0.8)
+    assert b.net_arch == [16, 16]
 
 
 def test_sac_save_load_round_trip(tmp_path):
@@ -158,19 +170,46 @@ def test_policy_save_load_round_trip(tmp_path):
     assert loaded._get_constructor_parameters() == policy._get_constructor_parameters()
 
 
+def test_flow_settings_are_one_dict_with_the_policy_defaults():
+    policy = FlowPolicy(OBS_SPACE, ACTION_SPACE_2D, constant_lr)
+    assert policy.actor.flow_kwargs == DEFAULT_FLOW_KWARGS
+    assert DEFAULT_FLOW_KWARGS == dict(
+        layers=4, rank=1, nonlinearity="prelu", hidden=(), init_strength=0.5, param_bound=10.0
+    )
+    assert policy.actor.flow.param_bound == 10.0
+    data = policy._get_constructor_parameters()
+    assert data["flow_kwargs"] == DEFAULT_FLOW_KWARGS
+    assert (data["mode_samples"], data["mode_bandwidth"]) == (64, 1.0)
+    unbounded = make_policy(flow_kwargs=dict(param_bound=None, layers=2))
+    assert unbounded.actor.flow.param_bound is None
+    assert unbounded.actor.flow_kwargs["layers"] == 2
+
+
+def test_gaussian_settings_are_neither_taken_nor_stored():
+    """SAC passes use_sde (False) to every policy; the Gaussian's other settings would be
+    ignored by a flow, so they are refused, and none of them is stored or saved."""
+    policy = FlowPolicy(OBS_SPACE, ACTION_SPACE_2D, constant_lr, use_sde=False)
+    data = policy._get_constructor_parameters()
+    for key in ("use_sde", "log_std_init", "use_expln", "clip_mean", "full_std"):
+        assert key not in data and not hasattr(policy.actor, key)
+        assert key not in policy.actor._get_constructor_parameters()
+    for key in ("log_std_init", "use_expln", "clip_mean"):
+        with pytest.raises(TypeError, match=key):
+            FlowPolicy(OBS_SPACE, ACTION_SPACE_2D, constant_lr, **{key: 1.0})
+
+
 # --- the action distribution ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
 def test_action_density_integrates_to_one(nonlinearity):
     torch.manual_seed(0)
-    policy = make_policy(nonlinearity, head_scale=0.5)  # strongly state-dependent
+    policy = make_policy(nonlinearity, flow_kwargs=dict(head_scale=0.5))  # state-dependent
     actor = policy.actor
     obs = random_obs(3, seed=1)
     with torch.no_grad():
-        latent = actor.latent_pi(actor.extract_features(obs, actor.features_extractor))
-        theta = actor.flow.hyper(latent).double()
-    layout = copy.deepcopy(actor.flow.layout).double()
+        latent = actor.latent_pi(actor.extract_features(obs, actor.features_extractor)).double()
+    flow = copy.deepcopy(actor.flow).double()
     # int p(a) da over [-1, 1]^2 = int p(tanh u) |det J_tanh(u)| du over the pre-tanh plane, in
     # float64, on an atanh-spaced grid of actions: u = sinh(s), fine near 0 and up to |u| = 15
     s = torch.linspace(-math.asinh(15.0), math.asinh(15.0), 401, dtype=torch.float64)
@@ -179,7 +218,7 @@ def test_action_density_integrates_to_one(nonlinearity):
     weight = (du[:, None] * du[None, :]).reshape(-1, 1)
     log_jacobian = (2 * (math.log(2) - grid - torch.nn.functional.softplus(-2 * grid))).sum(-1)
     with torch.no_grad():
-        log_prob = layout(theta, False).log_prob(torch.tanh(grid))  # (401 * 401, 3)
+        log_prob = flow(latent, False).log_prob(torch.tanh(grid))  # (401 * 401, 3)
     mass = ((log_prob + log_jacobian).exp() * weight).sum(0)
     np.testing.assert_allclose(mass.numpy(), 1.0, atol=2e-3)
 
@@ -229,7 +268,7 @@ def test_deterministic_action_is_repeatable_and_dense(nonlinearity):
     # seeded: the action is chosen for its mass first (see FlowActor), so at some random
     # initializations a state's choice is less dense than the median sample (3 in 40 measured)
     torch.manual_seed(0)
-    actor = make_policy(nonlinearity, head_scale=1.0).actor
+    actor = make_policy(nonlinearity, flow_kwargs=dict(head_scale=1.0)).actor
     obs = random_obs(64, seed=2)
     with torch.no_grad():
         det = actor(obs, deterministic=True)
@@ -239,6 +278,16 @@ def test_deterministic_action_is_repeatable_and_dense(nonlinearity):
         dist = actor.action_distribution(obs)
         median = dist.log_prob(dist.sample((512,))).median(0).values
         assert torch.all(dist.log_prob(det) >= median)
+
+
+def test_deterministic_action_is_the_distributions_high_density_sample():
+    actor = make_policy("spline", mode_samples=16, mode_bandwidth=0.7).actor
+    obs = random_obs(8, seed=3)
+    assert actor.mode_noise.shape == (16, 2)
+    torch.testing.assert_close(actor.mode_noise, flowpolicy.flows.quasi_normal(16, 2))
+    with torch.no_grad():
+        expected = actor.action_distribution(obs).high_density_sample(actor.mode_noise, 0.7)
+        assert torch.equal(actor(obs, deterministic=True), expected)
 
 
 def test_deterministic_action_of_a_bimodal_policy_is_in_a_mode():
@@ -267,8 +316,8 @@ def test_deterministic_action_of_a_bimodal_policy_is_in_a_mode():
 
 
 def test_mode_selection_avoids_a_thin_ridge():
-    """Two broad modes plus a thin, dense central ridge holding 10% of the mass (DESIGN.md §3):
-    best-of-K by density picks the ridge; the mass-aware selection does not."""
+    """Two broad modes plus a thin, dense central ridge holding 10% of the mass: best-of-K by
+    density picks the ridge; the mass-aware selection does not."""
     g = torch.Generator().manual_seed(0)
     weights = torch.tensor([0.45, 0.45, 0.10])
     means = torch.tensor([[-0.5, 0.3], [0.5, 0.3], [0.0, 0.2]])
@@ -321,10 +370,25 @@ def test_refuses_observation_spaces_the_mlp_cannot_take(observation_space):
         FlowPolicy(observation_space, ACTION_SPACE_2D, constant_lr)
 
 
-@pytest.mark.parametrize("kwargs", [dict(rank=3), dict(nonlinearity="relu"), dict(mode_samples=1)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(flow_kwargs=dict(rank=3)),
+        dict(nonlinearity="relu"),
+        dict(mode_samples=1),
+        dict(mode_bandwidth=0.0),
+        dict(flow_kwargs=dict(squash=False)),  # set by the actor
+        dict(flow_kwargs=dict(param_bound=-1.0)),
+    ],
+)
 def test_refuses_bad_flow_settings(kwargs):
     with pytest.raises(ValueError):
         make_policy(**kwargs)
+
+
+def test_unknown_flow_setting_is_refused_by_conditional_flow():
+    with pytest.raises(TypeError, match="layer"):
+        make_policy(flow_kwargs=dict(layer=2))
 
 
 def test_other_observation_spaces_work():
