@@ -10,8 +10,8 @@ Measures, single-threaded:
    settings on ``LakeCrossing-v0`` for 15k steps, 3 seeds, evaluated deterministically
    (target: home in >= 95% of episodes), with the route split of training and evaluation.
 
-Prints one Markdown table and appends it, with the date, command and machine, to
-``BENCHMARKS.md`` at the repository root.
+Prints one Markdown table and records it, with the date, command and machine, in
+``BENCHMARKS.md`` at the repository root (replacing the previous result).
 
 Usage::
 
@@ -22,10 +22,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -35,10 +31,18 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from flowpolicy.envs import LakeCrossingEnv, LakeExpert, collect_demonstrations
-from flowpolicy.envs.plotting import rollout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ROOT = Path(__file__).resolve().parents[1]
+from _record import record  # noqa: E402
+
+from flowpolicy.envs import (  # noqa: E402
+    LakeCrossingEnv,
+    LakeExpert,
+    collect_demonstrations,
+    rollout,
+)
+
+TITLE = "LakeCrossing-v0 environment (bench_lake_env.py)"
 
 
 def steps_per_second(env: gym.Env, n_steps: int, repeats: int, seed: int = 0) -> float:
@@ -97,10 +101,7 @@ def sac_run(seed: int, total_steps: int, eval_episodes: int) -> dict[str, object
     model.learn(total_steps, callback=callback)
     seconds = time.perf_counter() - start
 
-    def policy(obs: np.ndarray) -> np.ndarray:
-        return model.predict(obs, deterministic=True)[0]
-
-    results = rollout(gym.make("LakeCrossing-v0"), policy, eval_episodes, seed=10_000 + seed)
+    results = rollout(gym.make("LakeCrossing-v0"), model, eval_episodes, seed=10_000 + seed)
     successes = [t for t, ok, _ in callback.outcomes if ok]
     last = callback.outcomes[-100:]
     return {
@@ -120,6 +121,19 @@ def sac_run(seed: int, total_steps: int, eval_episodes: int) -> dict[str, object
     }
 
 
+def defaults() -> str:
+    """The environment's default settings, in one line."""
+    e = LakeCrossingEnv()
+    return (
+        f"lake r={e.lake_radius} at {e.lake_center.tolist()}, start {e.start.tolist()} "
+        f"± {e.start_noise} along the axis, home {e.home.tolist()} r={e.home_radius}, "
+        f"max_speed {e.max_speed}, arena ±{e.arena_half_size}, "
+        f"max_episode_steps {gym.spec('LakeCrossing-v0').max_episode_steps}; rewards: "
+        f"step -{e.step_cost}, shaping {e.shaping_weight}·Δgeodesic, home +{e.home_bonus}, "
+        f"lake -{e.lake_penalty}; gymnasium {gym.__version__}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50_000, help="steps per timing repeat")
@@ -128,7 +142,7 @@ def main() -> None:
     parser.add_argument("--sac-steps", type=int, default=15_000)
     parser.add_argument("--sac-seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--eval-episodes", type=int, default=50)
-    parser.add_argument("--no-append", action="store_true", help="only print the table")
+    parser.add_argument("--no-record", action="store_true", help="only print the table")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the machines are shared; compare single-threaded figures
 
@@ -182,41 +196,17 @@ def main() -> None:
         worst = min(r["success"] for r in sac)
         rows.append(("SAC success, mean / worst seed", f"{mean:.1%} / {worst:.0%}", ">= 95%"))
 
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    machine = (
-        f"{platform.platform()}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}, "
-        f"gymnasium {gym.__version__}, 1 torch thread"
-    )
-    e = LakeCrossingEnv()
-    defaults = (
-        f"lake r={e.lake_radius} at {e.lake_center.tolist()}, start {e.start.tolist()} "
-        f"± {e.start_noise} along the axis, home {e.home.tolist()} r={e.home_radius}, "
-        f"max_speed {e.max_speed}, arena ±{e.arena_half_size}, "
-        f"max_episode_steps {gym.spec('LakeCrossing-v0').max_episode_steps}; rewards: "
-        f"step -{e.step_cost}, shaping {e.shaping_weight}·Δgeodesic, home +{e.home_bonus}, "
-        f"lake -{e.lake_penalty}"
-    )
     lines = [
-        f"## LakeCrossing-v0 environment — {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}",
-        "",
-        f"Command: `{command}`  ",
-        f"Machine: {machine}  ",
-        f"Environment defaults: {defaults}",
+        f"Environment defaults: {defaults()}",
         "",
         "| measure | value | target |",
         "|---|---|---|",
         *[f"| {name} | {value} | {target} |" for name, value, target in rows],
-        "",
     ]
     table = "\n".join(lines)
     print(table)
-    if not args.no_append:
-        path = ROOT / "BENCHMARKS.md"
-        prefix = "" if path.exists() else "# Benchmarks\n\n"
-        with path.open("a", encoding="utf-8") as f:
-            f.write(prefix + "\n" + table + "\n")  # blank line: end any previous table
-        print(f"appended to {path}", file=sys.stderr)
+    if not args.no_record:
+        record(TITLE, table, threads=1)
 
 
 if __name__ == "__main__":

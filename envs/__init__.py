@@ -1,24 +1,30 @@
 """Environments for flowpolicy, installed as the subpackage ``flowpolicy.envs``.
 
 Importing this module registers ``LakeCrossing-v0`` with Gymnasium (Gymnasium 1.x has no
-plugin loading, so registration happens on import).
+plugin loading, so registration happens on import). It imports neither matplotlib (the
+plotting helpers import it when they draw) nor Stable-Baselines3.
 """
 
 from gymnasium.envs.registration import register, registry
 
 from .expert import Demonstrations, LakeExpert, collect_demonstrations
-from .lake import LakeCrossingEnv, geodesic_distance
-from .plotting import draw_lake, plot_trajectories, rollout
+from .geometry import LakeGeometry, geodesic_distance
+from .lake import LakeCrossingEnv
+from .plotting import draw_lake, plot_trajectories
+from .rollout import Episode, rollout, route_stats
 
 __all__ = [
     "Demonstrations",
+    "Episode",
     "LakeCrossingEnv",
     "LakeExpert",
+    "LakeGeometry",
     "collect_demonstrations",
     "draw_lake",
     "geodesic_distance",
     "plot_trajectories",
     "rollout",
+    "route_stats",
 ]
 
 # Guarded: re-importing (e.g. importlib.reload) must not trigger Gymnasium's

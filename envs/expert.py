@@ -16,6 +16,7 @@ import gymnasium as gym
 import numpy as np
 
 from .lake import LakeCrossingEnv
+from .rollout import rollout
 
 __all__ = ["Demonstrations", "LakeExpert", "collect_demonstrations"]
 
@@ -42,13 +43,13 @@ class LakeExpert:
     generator, independent of the start. The computation runs in a frame mirrored for
     ``"cw"``, so from mirrored starts the two sides produce exactly mirrored actions.
 
-    :param env: a LakeCrossing environment (wrappers are looked through) whose geometry the
-        expert reads from its public attributes.
+    :param env: a LakeCrossing environment (wrappers are looked through) whose
+        :class:`~flowpolicy.envs.LakeGeometry` the expert follows.
     :param side: ``"cw"``, ``"ccw"`` or ``None`` (random side each episode).
     :param margin: distance kept from the shore, in world units, > 0. With the default 0.01
         the expert is 100% successful from anywhere in the arena, and the average of its two
-        sides' actions, from the default start, walks into the lake in 4-5 steps (the seed
-        article's failure of an averaging policy); from a margin of 0.02 on, that average
+        sides' actions, from the default start, walks into the lake in 4-5 steps (the failure of
+        an averaging policy in Jang (2018)); from a margin of 0.02 on, that average
         instead stalls at the shore.
     :param scale: action norm, < 1.
     :param seed: seed of the expert's own generator (used only when ``side`` is ``None``).
@@ -58,8 +59,10 @@ class LakeExpert:
         env = gymnasium.make("LakeCrossing-v0")
         expert = LakeExpert(env, seed=0)
         obs, info = env.reset(seed=0)
-        expert.reset()
+        expert.reset()  # a side for this episode
         obs, reward, terminated, truncated, info = env.step(expert(obs))
+        # or 10 whole episodes; rollout resets the expert before each one
+        episodes = flowpolicy.envs.rollout(env, expert, 10, seed=0)
     """
 
     def __init__(
@@ -79,19 +82,14 @@ class LakeExpert:
             # Chords between look-ahead points dip inside the circle by up to step^2 / (8 R),
             # and actions of norm `scale` < 1 land just short of them: margin 0 would drown.
             raise ValueError(f"margin must be > 0, got {margin}")
-        base = getattr(env, "unwrapped", env)
-        cx, cy = (float(v) for v in base.lake_center)
-        sx, sy = (float(v) for v in base.start)
-        hx, hy = (float(v) for v in base.home)
+        geometry = getattr(env, "unwrapped", env).geometry
         # The same axis as the environment's route labels: u points from start to home and
         # v = u rotated clockwise points "east", the counter-clockwise side.
-        norm = math.hypot(hx - sx, hy - sy)
-        self._u = ((hx - sx) / norm, (hy - sy) / norm)
-        self._v = (self._u[1], -self._u[0])
-        self._c = (cx, cy)
-        self._hrel = (hx - cx, hy - cy)
-        self._radius = float(base.lake_radius) + float(margin)
-        self._step = float(base.max_speed)
+        self._u, self._v = geometry.axis, geometry.lateral
+        self._c = geometry.lake_center
+        self._hrel = geometry.home_offset
+        self._radius = geometry.lake_radius + float(margin)
+        self._step = geometry.max_speed
         if math.hypot(*self._hrel) <= self._radius:
             raise ValueError("margin too large: home lies within lake_radius + margin")
         self.side = side
@@ -215,41 +213,26 @@ def collect_demonstrations(
     env = gym.make("LakeCrossing-v0", **(env_kwargs or {}))
     env_seed, expert_seed = np.random.SeedSequence(seed).spawn(2)
     expert = LakeExpert(env, side=side, margin=margin, seed=expert_seed)
-    obs_l, act_l, next_l, rew_l, term_l, idx_l, route_l = [], [], [], [], [], [], []
-    ep_ret, ep_len, ep_succ, ep_route = [], [], [], []
     reset_seed = int(env_seed.generate_state(1)[0])
-    for episode in range(n_episodes):
-        obs, info = env.reset(seed=reset_seed if episode == 0 else None)
-        route = expert.reset()
-        total, length, done = 0.0, 0, False
-        while not done:
-            action = expert(obs)
-            next_obs, reward, terminated, truncated, info = env.step(action)
-            obs_l.append(obs)
-            act_l.append(action)
-            next_l.append(next_obs)
-            rew_l.append(reward)
-            term_l.append(terminated)
-            idx_l.append(episode)
-            route_l.append(route)
-            total += float(reward)
-            length += 1
-            obs, done = next_obs, terminated or truncated
-        ep_ret.append(total)
-        ep_len.append(length)
-        ep_succ.append(bool(info["success"]))
-        ep_route.append(info["route"] or "none")
+    episodes, sides = [], []
+    for i in range(n_episodes):  # one at a time: rollout resets the expert, which picks a side
+        episodes += rollout(env, expert, 1, seed=reset_seed if i == 0 else None)
+        sides.append(expert.route)
     env.close()
+    lengths = np.array([ep["length"] for ep in episodes], dtype=np.int64)
+    terminated = np.zeros(lengths.sum(), dtype=bool)  # only an episode's last step can be
+    terminated[np.cumsum(lengths) - 1] = [ep["terminated"] for ep in episodes]
     return Demonstrations(
-        observations=np.asarray(obs_l, dtype=np.float32),
-        actions=np.asarray(act_l, dtype=np.float32),
-        next_observations=np.asarray(next_l, dtype=np.float32),
-        rewards=np.asarray(rew_l, dtype=np.float64),
-        terminated=np.asarray(term_l, dtype=bool),
-        episode_index=np.asarray(idx_l, dtype=np.int64),
-        routes=np.asarray(route_l, dtype="<U4"),
-        episode_returns=np.asarray(ep_ret, dtype=np.float64),
-        episode_lengths=np.asarray(ep_len, dtype=np.int64),
-        episode_success=np.asarray(ep_succ, dtype=bool),
-        episode_routes=np.asarray(ep_route, dtype="<U4"),
+        observations=np.concatenate([ep["observations"][:-1] for ep in episodes]),
+        actions=np.concatenate([ep["actions"] for ep in episodes]),
+        next_observations=np.concatenate([ep["observations"][1:] for ep in episodes]),
+        rewards=np.concatenate([ep["rewards"] for ep in episodes]),
+        terminated=terminated,
+        episode_index=np.repeat(np.arange(n_episodes, dtype=np.int64), lengths),
+        routes=np.repeat(np.asarray(sides, dtype="<U4"), lengths),
+        # summed in step order (np.sum's pairwise order could differ in the last bit)
+        episode_returns=np.array([ep["rewards"].cumsum()[-1] for ep in episodes]),
+        episode_lengths=lengths,
+        episode_success=np.array([ep["success"] for ep in episodes], dtype=bool),
+        episode_routes=np.array([ep["route"] or "none" for ep in episodes], dtype="<U4"),
     )

@@ -3,7 +3,7 @@
 A point agent must get home across a frozen-over lake it cannot enter. Going around the lake
 clockwise or counter-clockwise is equally good (the task is exactly mirror-symmetric), and a
 policy that averages the two routes walks straight into the water. This is the motivating
-example of Eric Jang's normalizing-flows tutorial (2018), made into a Gymnasium environment.
+example of Jang (2018), a tutorial on normalizing flows, made into a Gymnasium environment.
 
 Registered as ``LakeCrossing-v0`` when :mod:`flowpolicy.envs` (or :mod:`flowpolicy`) is imported.
 """
@@ -12,91 +12,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import logger, spaces
 
+from .geometry import LakeGeometry, _pair, geodesic_distance
+from .rendering import FrameRenderer
+
+if TYPE_CHECKING:
+    from flowpolicy.symmetry import Reflection
+
 __all__ = ["LakeCrossingEnv", "geodesic_distance"]
-
-
-def _geodesic(px: float, py: float, qx: float, qy: float, r: float) -> float:
-    """Shortest-path length from p to q around the disk |z| < r (coordinates relative to it).
-
-    Both points are assumed outside the open disk (|p|, |q| >= r). The straight segment is the
-    shortest path when it does not cut the disk, which happens exactly when the angle theta
-    between p and q seen from the centre satisfies theta <= acos(r/|p|) + acos(r/|q|) (each term
-    is the angle between a point and its tangent points). Otherwise the path is
-    tangent + arc + tangent:
-
-        sqrt(|p|^2 - r^2) + sqrt(|q|^2 - r^2) + r * (theta - acos(r/|p|) - acos(r/|q|)).
-    """
-    dp = math.sqrt(px * px + py * py)
-    dq = math.sqrt(qx * qx + qy * qy)
-    # atan2 of (|cross|, dot) is accurate at all angles and exactly mirror-symmetric.
-    theta = math.atan2(abs(px * qy - py * qx), px * qx + py * qy)
-    ap = math.acos(min(r / dp, 1.0))
-    aq = math.acos(min(r / dq, 1.0))
-    if theta <= ap + aq:
-        return math.hypot(px - qx, py - qy)
-    return (
-        math.sqrt(max(dp * dp - r * r, 0.0))
-        + math.sqrt(max(dq * dq - r * r, 0.0))
-        + r * (theta - ap - aq)
-    )
-
-
-def _project_out(px: float, py: float, r: float, qx: float, qy: float) -> tuple[float, float]:
-    """Project a point inside the disk radially onto the shore (the centre: opposite q)."""
-    d = math.sqrt(px * px + py * py)
-    if d >= r:
-        return px, py
-    if d == 0.0:  # any shore point is as close; take the one opposite q, which is symmetric
-        dq = math.sqrt(qx * qx + qy * qy)
-        return -qx * r / dq, -qy * r / dq
-    return px * r / d, py * r / d
-
-
-def geodesic_distance(
-    point: Sequence[float] | np.ndarray,
-    target: Sequence[float] | np.ndarray,
-    center: Sequence[float] | np.ndarray = (0.0, 0.0),
-    radius: float = 1.0,
-) -> float:
-    """Length of the shortest path from ``point`` to ``target`` that does not enter a disk.
-
-    The disk is ``|z - center| < radius``. With p, q the points relative to the centre and
-    theta the angle between them, the distance is |p - q| when the segment clears the disk
-    (theta <= acos(r/|p|) + acos(r/|q|)), and otherwise
-
-        sqrt(|p|^2 - r^2) + sqrt(|q|^2 - r^2) + r * (theta - acos(r/|p|) - acos(r/|q|))
-
-    (tangent line, arc along the shore, tangent line). A point inside the disk is first
-    projected radially onto the shore, which keeps the function continuous.
-
-    :param point: (x, y) start of the path.
-    :param target: (x, y) end of the path.
-    :param center: (x, y) centre of the disk.
-    :param radius: radius of the disk, > 0.
-    :return: the geodesic distance, a Python float.
-    """
-    cx, cy = float(center[0]), float(center[1])
-    qx, qy = float(target[0]) - cx, float(target[1]) - cy
-    r = float(radius)
-    px, py = _project_out(float(point[0]) - cx, float(point[1]) - cy, r, qx, qy)
-    qx, qy = _project_out(qx, qy, r, px, py)
-    return _geodesic(px, py, qx, qy, r)
-
-
-def _pair(value: Any, name: str) -> tuple[float, float]:
-    """Validate a finite (x, y) pair and return it as Python floats."""
-    arr = np.asarray(value, dtype=np.float64)
-    if arr.shape != (2,):
-        raise ValueError(f"{name} must be an (x, y) pair, got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} must be finite, got {arr.tolist()}")
-    return float(arr[0]), float(arr[1])
 
 
 class LakeCrossingEnv(gym.Env[np.ndarray, np.ndarray]):
@@ -109,9 +37,12 @@ class LakeCrossingEnv(gym.Env[np.ndarray, np.ndarray]):
     about that line: going around the lake on the west (clockwise) or on the east
     (counter-clockwise) is equally good. The start is so close to the shore that the action
     between the two routes, straight ahead, drowns within two steps, so a policy that averages
-    the routes fails. This is the motivating example of Jang's normalizing-flows tutorial (2018).
+    the routes fails. This is the motivating example of Jang (2018), a tutorial on normalizing
+    flows.
 
-    All lengths are in world units; the default lake is the unit disk at the origin.
+    All lengths are in world units; the default lake is the unit disk at the origin. The
+    layout is a :class:`~flowpolicy.envs.LakeGeometry`, ``env.unwrapped.geometry``, which the
+    scripted expert and the plotting helpers read too.
 
     ## Action Space
 
@@ -130,13 +61,14 @@ class LakeCrossingEnv(gym.Env[np.ndarray, np.ndarray]):
 
     The observation is a float32 `ndarray` of shape `(2,)`, the agent's position in world units:
 
-    | Num | Observation | Min                         | Max                         |
-    |-----|-------------|-----------------------------|-----------------------------|
+    | Num | Observation | Min                                | Max                                |
+    |-----|-------------|------------------------------------|------------------------------------|
     | 0   | x           | `lake_center[0] - arena_half_size` | `lake_center[0] + arena_half_size` |
     | 1   | y           | `lake_center[1] - arena_half_size` | `lake_center[1] + arena_half_size` |
 
     Nothing else is observed: the position is a Markov state, and any extra feature would have
-    to respect the mirror symmetry.
+    to respect the mirror symmetry, which :meth:`reflection` returns as a map of observations
+    and actions.
 
     ## Rewards
 
@@ -147,8 +79,7 @@ class LakeCrossingEnv(gym.Env[np.ndarray, np.ndarray]):
 
     - `step_cost = 1.5` per step. It exceeds `alpha * log(4) = 1.39`, the entropy bonus that
       SAC, starting at `alpha = 1`, pays per step for a uniform action on the action square,
-      so hovering never pays (with a step cost of 0.5, two of three SAC seeds learned to
-      hover away from the shore and never got home in 15k steps).
+      so standing still never pays, not even for a policy that is still maximally random.
     - `phi(p) = max(0, g(p) - home_radius)` is the geodesic distance from `p` to the home disk
       around the lake, where `g` is the shortest-path length to the home centre that does not
       enter the lake (tangent line, arc along the shore, tangent line; see
@@ -160,20 +91,19 @@ class LakeCrossingEnv(gym.Env[np.ndarray, np.ndarray]):
       shaping changes no ranking between successful episodes; a drowned episode returns at
       most `-lake_penalty + c * phi(start)`, less than any successful one (at least
       `home_bonus + c * phi(start) - 60 * step_cost`), so no optimal policy changes either.
-      Moving along the geodesic at speed `max_speed` earns `20 * 0.15 = 3` per step.
-    - `home_bonus = 100` on reaching home, `lake_penalty = 25` on drowning. The penalty is
-      deliberately moderate: drowning also forfeits the home bonus, and with the start 0.25
-      from the shore, early random episodes drown within a few steps, so the critic learns
-      the penalty long before it learns what hovering costs. With a penalty of 100, two of
-      three SAC seeds fled south and hovered at the arena's edge for all 15k steps.
+      Moving along the geodesic at speed `max_speed` earns `20 * 0.15 = 3` per step, twice the
+      step cost: progress pays from the first step.
+    - `home_bonus = 100` on reaching home, `lake_penalty = 25` on drowning. Drowning also
+      forfeits the home bonus, so a moderate penalty suffices; a larger one would make the
+      start, 0.25 from the shore, look worse to an early critic than fleeing from the lake.
 
-    These are the "x10" reward scale: with rewards ten times smaller, SAC's initial entropy bonus
-    outweighed the task and the agent hovered at the start. From the default start, following
+    The weights are on this scale (returns of about a hundred) so that SAC's initial entropy
+    bonus, about 1.4 per step, does not outweigh the task. From the default start, following
     the geodesic at speed `max_speed` takes 23 steps and returns about
     `100 + 20 * 3.35 - 1.5 * 23 = 132.5` (moving diagonally, up to `sqrt(2)` times faster, can
     save a few steps). Walking straight ahead into the lake returns about `-26`, hovering
     until the time limit `-90`: an agent that has not found home yet gains nothing by
-    standing still.
+    standing still. The runs behind these numbers are summarized in BENCHMARKS.md.
 
     ## Starting State
 
@@ -190,7 +120,8 @@ class LakeCrossingEnv(gym.Env[np.ndarray, np.ndarray]):
       the position after each step), `info["drowned"]`; or it is home
       (`|p - home| <= home_radius`), `info["success"]`.
     - Truncation: after `max_episode_steps = 60` steps when made with
-      `gymnasium.make("LakeCrossing-v0")` (the geodesic at speed `max_speed` takes 23).
+      `gymnasium.make("LakeCrossing-v0")` (the geodesic at speed `max_speed` takes 23; the
+      rest leaves room for detours while keeping episodes short).
     - The arena is the square `lake_center ± arena_half_size`; a step that would leave it is
       clipped to its edge (no termination, the step cost keeps running).
 
@@ -226,10 +157,11 @@ class LakeCrossingEnv(gym.Env[np.ndarray, np.ndarray]):
       `lake_penalty = 25.0`: the reward weights above.
     - `render_size = 400`: side of the rendered frame in pixels.
 
-    Public attributes: `lake_center`, `lake_radius`, `start`, `home` (float64 arrays or
-    floats), `home_radius`, `max_speed`, `start_noise`, `arena_half_size` and the reward
-    weights; `position` is the current position. The task is mirror-symmetric whenever `start`
-    and `home` lie on a line through `lake_center` (and the arena is centred on the lake).
+    Public attributes: `geometry` (the layout), and from it `lake_center`, `lake_radius`,
+    `start`, `home` (float64 arrays or floats), `home_radius`, `max_speed`, `start_noise`,
+    `arena_half_size`; the reward weights; `position`, the current position. The task is
+    mirror-symmetric whenever `start` and `home` lie on a line through `lake_center` (the
+    arena is centred on the lake).
 
     ## Version History
 
@@ -262,18 +194,7 @@ class LakeCrossingEnv(gym.Env[np.ndarray, np.ndarray]):
                 f"got {render_mode!r}"
             )
         self.render_mode = render_mode
-
-        scalars = {
-            "lake_radius": lake_radius,
-            "home_radius": home_radius,
-            "max_speed": max_speed,
-            "arena_half_size": arena_half_size,
-        }
-        for name, value in scalars.items():
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be finite and > 0, got {value}")
         weights = {
-            "start_noise": start_noise,
             "step_cost": step_cost,
             "shaping_weight": shaping_weight,
             "home_bonus": home_bonus,
@@ -282,134 +203,114 @@ class LakeCrossingEnv(gym.Env[np.ndarray, np.ndarray]):
         for name, value in weights.items():
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be finite and >= 0, got {value}")
-
-        cx, cy = _pair(lake_center, "lake_center")
-        hx, hy = _pair(home, "home")
-        sx, sy = _pair(start, "start")
-        self.lake_center = np.array([cx, cy])
-        self.lake_radius = float(lake_radius)
-        self.home = np.array([hx, hy])
-        self.home_radius = float(home_radius)
-        self.max_speed = float(max_speed)
-        self.arena_half_size = float(arena_half_size)
-        self.start_noise = float(start_noise)
+        self.geometry = LakeGeometry(
+            lake_center=lake_center,
+            lake_radius=lake_radius,
+            start=start,
+            home=home,
+            home_radius=home_radius,
+            max_speed=max_speed,
+            start_noise=start_noise,
+            arena_half_size=arena_half_size,
+        )
         self.step_cost = float(step_cost)
         self.shaping_weight = float(shaping_weight)
         self.home_bonus = float(home_bonus)
         self.lake_penalty = float(lake_penalty)
-        self.render_size = int(render_size)
-        if self.render_size < 16:
-            raise ValueError(f"render_size must be >= 16 pixels, got {render_size}")
+        self._renderer = FrameRenderer(self.geometry, render_size)
+        self.render_size = self._renderer.size
 
-        # Core geometry as plain floats relative to the lake centre: step() runs on Python
-        # floats and math, which is several times faster than small-array numpy.
-        self._c = (cx, cy)
-        self._r = self.lake_radius
-        self._r2 = self._r * self._r
-        self._h = (hx - cx, hy - cy)
-        self._hr2 = self.home_radius * self.home_radius
-        self._lo = (cx - self.arena_half_size, cy - self.arena_half_size)
-        self._hi = (cx + self.arena_half_size, cy + self.arena_half_size)
-
-        home_dist = math.hypot(*self._h)
-        if home_dist <= self._r + self.home_radius:
-            raise ValueError(
-                f"the home disk (centre {self.home.tolist()}, radius {self.home_radius}) "
-                f"overlaps the lake (centre {self.lake_center.tolist()}, radius {self._r})"
-            )
-        if not self._in_arena(hx, hy):
-            raise ValueError(f"home {self.home.tolist()} lies outside the arena")
-        # Precomputed home terms of the geodesic (see _geodesic): the home is fixed.
-        self._h_dist = home_dist
-        self._h_tan = math.sqrt(home_dist * home_dist - self._r2)
-        self._h_ang = math.acos(self._r / home_dist)
-
-        # Start-home axis u (route "north") and its clockwise normal v (route "east").
-        ax, ay = hx - sx, hy - sy
-        norm = math.hypot(ax, ay)
-        if norm == 0.0:
-            raise ValueError("start and home must differ")
-        self._u = (ax / norm, ay / norm)
-        self._v = (self._u[1], -self._u[0])
-        self._check_start(sx, sy, "start")
-        for sign in (-1.0, 1.0):  # the noisy starts must be valid too
-            nx = sx + sign * self.start_noise * self._u[0]
-            ny = sy + sign * self.start_noise * self._u[1]
-            self._check_start(nx, ny, "start ± start_noise")
-        self.start = np.array([sx, sy])
-
+        g = self.geometry
         self.action_space = spaces.Box(-1.0, 1.0, shape=(2,), dtype=np.float32)
         self.observation_space = spaces.Box(
-            low=np.array(self._lo, dtype=np.float32),
-            high=np.array(self._hi, dtype=np.float32),
+            low=np.array(g.arena_low, dtype=np.float32),
+            high=np.array(g.arena_high, dtype=np.float32),
             dtype=np.float32,
         )
-
-        self._x, self._y = sx, sy
-        self._phi = self._potential(sx, sy)
-        self._along = self._along_of(sx, sy)
+        # The state as Python floats: step() runs on math, several times faster than numpy.
+        self._x, self._y = g.start
+        self._phi = g.home_distance(self._x, self._y)
+        self._along = g.along(self._x, self._y)
         self._route: str | None = None
-        # Rendering state (only touched when render_mode is set).
-        self._trail: list[tuple[float, float]] = []
-        self._background: np.ndarray | None = None
-        self._canvas: np.ndarray | None = None
-        self._drawn = 0
-        self._fig: Any = None
+        self._fig: Any = None  # "human" rendering: a matplotlib figure and its image
         self._image: Any = None
 
-    # ------------------------------------------------------------------ geometry helpers
+    # ------------------------------------------------------------------ the layout
 
-    def _in_arena(self, x: float, y: float) -> bool:
-        return self._lo[0] <= x <= self._hi[0] and self._lo[1] <= y <= self._hi[1]
+    @property
+    def lake_center(self) -> np.ndarray:
+        """The lake's centre (x, y), a float64 copy."""
+        return np.array(self.geometry.lake_center)
 
-    def _along_of(self, x: float, y: float) -> float:
-        return (x - self._c[0]) * self._u[0] + (y - self._c[1]) * self._u[1]
+    @property
+    def lake_radius(self) -> float:
+        """The lake's radius."""
+        return self.geometry.lake_radius
 
-    def _check_start(self, x: float, y: float, name: str) -> None:
-        if not self._in_arena(x, y):
-            raise ValueError(
-                f"{name} ({x}, {y}) lies outside the arena "
-                f"[{self._lo[0]}, {self._hi[0]}] x [{self._lo[1]}, {self._hi[1]}]"
-            )
-        rx, ry = x - self._c[0], y - self._c[1]
-        if rx * rx + ry * ry < self._r2:
-            raise ValueError(f"{name} ({x}, {y}) lies inside the lake")
-        dx, dy = rx - self._h[0], ry - self._h[1]
-        if dx * dx + dy * dy <= self._hr2:
-            raise ValueError(f"{name} ({x}, {y}) lies inside home")
+    @property
+    def start(self) -> np.ndarray:
+        """The default start (x, y), a float64 copy."""
+        return np.array(self.geometry.start)
 
-    def _potential(self, x: float, y: float) -> float:
-        """phi = max(0, geodesic distance to the home centre - home_radius), see the docstring."""
-        px, py = x - self._c[0], y - self._c[1]
-        r = self._r
-        hx, hy = self._h
-        d2 = px * px + py * py
-        if d2 < self._r2:  # drowned: use the shore point radially outward
-            px, py = _project_out(px, py, r, hx, hy)
-            d2 = self._r2
-        d = math.sqrt(d2)
-        theta = math.atan2(abs(px * hy - py * hx), px * hx + py * hy)
-        ap = math.acos(min(r / d, 1.0))
-        if theta <= ap + self._h_ang:
-            g = math.hypot(px - hx, py - hy)
-        else:
-            g = math.sqrt(max(d2 - self._r2, 0.0)) + self._h_tan + r * (theta - ap - self._h_ang)
-        g -= self.home_radius
-        return g if g > 0.0 else 0.0
+    @property
+    def home(self) -> np.ndarray:
+        """Home's centre (x, y), a float64 copy."""
+        return np.array(self.geometry.home)
+
+    @property
+    def home_radius(self) -> float:
+        """Home's radius."""
+        return self.geometry.home_radius
+
+    @property
+    def max_speed(self) -> float:
+        """Displacement per step for an action component of 1."""
+        return self.geometry.max_speed
+
+    @property
+    def start_noise(self) -> float:
+        """Half-width of the start offset along the axis."""
+        return self.geometry.start_noise
+
+    @property
+    def arena_half_size(self) -> float:
+        """Half-width of the square arena."""
+        return self.geometry.arena_half_size
 
     def potential(self, position: Sequence[float] | np.ndarray) -> float:
         """The shaping potential phi(p) = max(0, g(p) - home_radius) >= 0 at a position.
 
         g is :func:`geodesic_distance` from p to the home centre around the lake, so phi is the
-        length of the shortest dry path from p into the home disk.
+        length of the shortest dry path from p into the home disk
+        (:meth:`LakeGeometry.home_distance`).
         """
         x, y = _pair(position, "position")
-        return self._potential(x, y)
+        return self.geometry.home_distance(x, y)
 
     @property
     def position(self) -> np.ndarray:
         """The agent's current (x, y) position, a float64 copy."""
         return np.array([self._x, self._y])
+
+    def reflection(self) -> Reflection:
+        """The task's mirror symmetry as a :class:`flowpolicy.symmetry.Reflection`.
+
+        The mirror about the start-home line through the lake centre, ``x -> 2 * c_x - x``
+        with the default vertical line ``x = c_x`` (``y -> 2 * c_y - y`` for a horizontal one),
+        maps observations and flips the same component of the action. Stepping from the
+        mirrored state with the mirrored action gives the mirrored next observation, the same
+        reward and the same termination, exactly for a lake centred on the axis ``c_x = 0``
+        (up to rounding otherwise); routes ``"cw"`` and ``"ccw"`` swap. ``ValueError`` when
+        the start-home line is neither vertical nor horizontal.
+        """
+        from flowpolicy.symmetry import Reflection
+
+        k, a = self.geometry.mirror_axis()
+        sign = np.ones(2)
+        sign[k] = -1.0
+        shift = np.zeros(2)
+        shift[k] = 2.0 * a
+        return Reflection(sign, sign.copy(), obs_shift=shift)
 
     # ------------------------------------------------------------------ gymnasium API
 
@@ -427,24 +328,23 @@ class LakeCrossingEnv(gym.Env[np.ndarray, np.ndarray]):
         unknown = set(options) - {"start"}
         if unknown:
             raise ValueError(f"unknown reset options {sorted(unknown)}; only 'start' is supported")
+        g = self.geometry
         if options.get("start") is not None:
             x, y = _pair(options["start"], "options['start']")
-            self._check_start(x, y, "options['start']")
+            g.check_start(x, y, "options['start']")
         else:
-            x, y = float(self.start[0]), float(self.start[1])
-            if self.start_noise > 0.0:
+            x, y = g.start
+            if g.start_noise > 0.0:
                 # Along the axis only: a sideways offset would tell the agent which side is shorter.
-                s = float(self.np_random.uniform(-self.start_noise, self.start_noise))
-                x += s * self._u[0]
-                y += s * self._u[1]
+                s = float(self.np_random.uniform(-g.start_noise, g.start_noise))
+                x += s * g.axis[0]
+                y += s * g.axis[1]
         self._x, self._y = x, y
-        self._phi = self._potential(x, y)
-        self._along = self._along_of(x, y)
+        self._phi = g.home_distance(x, y)
+        self._along = g.along(x, y)
         self._route = None
         if self.render_mode is not None:
-            self._trail = [(x, y)]
-            self._canvas = None
-            self._drawn = 0
+            self._renderer.reset(x, y)
         info = {"success": False, "drowned": False, "is_success": False, "route": None}
         if self.render_mode == "human":
             self.render()
@@ -460,28 +360,30 @@ class LakeCrossingEnv(gym.Env[np.ndarray, np.ndarray]):
         ax = 1.0 if ax > 1.0 else (-1.0 if ax < -1.0 else ax)
         ay = 1.0 if ay > 1.0 else (-1.0 if ay < -1.0 else ay)
 
-        x = self._x + self.max_speed * ax
-        y = self._y + self.max_speed * ay
-        lo, hi = self._lo, self._hi
+        g = self.geometry
+        x = self._x + g.max_speed * ax
+        y = self._y + g.max_speed * ay
+        lo, hi = g.arena_low, g.arena_high
         x = lo[0] if x < lo[0] else (hi[0] if x > hi[0] else x)
         y = lo[1] if y < lo[1] else (hi[1] if y > hi[1] else y)
         self._x, self._y = x, y
 
-        rx, ry = x - self._c[0], y - self._c[1]
-        drowned = rx * rx + ry * ry < self._r2
-        dx, dy = rx - self._h[0], ry - self._h[1]
-        success = (not drowned) and dx * dx + dy * dy <= self._hr2
-
-        along = rx * self._u[0] + ry * self._u[1]
+        # g.in_lake, g.in_home and g.along, inlined: step() is the hot loop.
+        rx, ry = x - g.lake_center[0], y - g.lake_center[1]
+        drowned = rx * rx + ry * ry < g.lake_radius * g.lake_radius
+        dx, dy = rx - g.home_offset[0], ry - g.home_offset[1]
+        success = (not drowned) and dx * dx + dy * dy <= g.home_radius * g.home_radius
+        u, v = g.axis, g.lateral
+        along = rx * u[0] + ry * u[1]
         if self._route is None and not drowned and self._along < 0.0 <= along:
-            lateral = rx * self._v[0] + ry * self._v[1]
+            lateral = rx * v[0] + ry * v[1]
             if lateral > 0.0:
                 self._route = "ccw"
             elif lateral < 0.0:
                 self._route = "cw"
         self._along = along
 
-        phi = self._potential(x, y)
+        phi = g.home_distance(x, y)
         reward = self.shaping_weight * (self._phi - phi) - self.step_cost
         self._phi = phi
         if success:
@@ -490,17 +392,11 @@ class LakeCrossingEnv(gym.Env[np.ndarray, np.ndarray]):
             reward -= self.lake_penalty
 
         if self.render_mode is not None:
-            self._trail.append((x, y))
+            self._renderer.add(x, y)
             if self.render_mode == "human":
                 self.render()
         info = {"success": success, "drowned": drowned, "is_success": success, "route": self._route}
-        return (
-            np.array((x, y), dtype=np.float32),
-            reward,
-            success or drowned,
-            False,
-            info,
-        )
+        return np.array((x, y), dtype=np.float32), reward, success or drowned, False, info
 
     @staticmethod
     def _coerce_action(action: Any) -> tuple[float, float]:
@@ -516,64 +412,6 @@ class LakeCrossingEnv(gym.Env[np.ndarray, np.ndarray]):
 
     # ------------------------------------------------------------------ rendering
 
-    def _to_pixels(self, x: np.ndarray | float, y: np.ndarray | float) -> tuple[Any, Any]:
-        """World (x, y) -> (column, row) in pixels; north is up."""
-        scale = (self.render_size - 1) / (2.0 * self.arena_half_size)
-        return (x - self._lo[0]) * scale, (self._hi[1] - y) * scale
-
-    def _make_background(self) -> np.ndarray:
-        n = self.render_size
-        span = 2.0 * self.arena_half_size
-        coords = (np.arange(n) + 0.5) / n * span
-        xs = self._lo[0] + coords
-        ys = self._hi[1] - coords
-        gx, gy = np.meshgrid(xs, ys)
-        img = np.empty((n, n, 3), dtype=np.uint8)
-        img[:] = (236, 229, 206)  # sand
-        rx, ry = gx - self._c[0], gy - self._c[1]
-        img[rx * rx + ry * ry < self._r2] = (74, 134, 201)  # water
-        hx, hy = gx - self.home[0], gy - self.home[1]
-        img[hx * hx + hy * hy <= self._hr2] = (96, 178, 96)  # home
-        sx, sy = gx - self.start[0], gy - self.start[1]
-        marker = max(0.02 * self.arena_half_size, 1.5 * span / n)
-        img[sx * sx + sy * sy <= marker * marker] = (90, 90, 90)  # default start
-        return img
-
-    def _draw_disk(self, img: np.ndarray, col: float, row: float, radius: float, color) -> None:
-        n = img.shape[0]
-        r0, r1 = max(int(row - radius), 0), min(int(row + radius) + 2, n)
-        c0, c1 = max(int(col - radius), 0), min(int(col + radius) + 2, n)
-        if r0 >= r1 or c0 >= c1:
-            return
-        rr, cc = np.ogrid[r0:r1, c0:c1]
-        mask = (rr - row) ** 2 + (cc - col) ** 2 <= radius * radius
-        img[r0:r1, c0:c1][mask] = color
-
-    def _render_frame(self) -> np.ndarray:
-        if self._background is None:
-            self._background = self._make_background()
-        if self._canvas is None:
-            self._canvas = self._background.copy()
-            self._drawn = 0
-        trail = self._trail if self._trail else [(self._x, self._y)]
-        # Draw only the trail segments added since the last frame.
-        if len(trail) - 1 > self._drawn:
-            pts = np.asarray(trail[self._drawn :], dtype=np.float64)
-            cols, rows = self._to_pixels(pts[:, 0], pts[:, 1])
-            n = self.render_size
-            for i in range(len(pts) - 1):
-                k = int(max(abs(cols[i + 1] - cols[i]), abs(rows[i + 1] - rows[i]))) + 2
-                cc = np.rint(np.linspace(cols[i], cols[i + 1], k)).astype(np.intp)
-                rr = np.rint(np.linspace(rows[i], rows[i + 1], k)).astype(np.intp)
-                for dr, dc in ((0, 0), (1, 0), (0, 1), (1, 1)):  # 2-pixel-wide line
-                    r2, c2 = np.clip(rr + dr, 0, n - 1), np.clip(cc + dc, 0, n - 1)
-                    self._canvas[r2, c2] = (200, 60, 40)
-            self._drawn = len(trail) - 1
-        frame = self._canvas.copy()
-        col, row = self._to_pixels(self._x, self._y)
-        self._draw_disk(frame, col, row, max(3.0, self.render_size / 70), (20, 20, 20))
-        return frame
-
     def render(self) -> np.ndarray | None:
         """``"rgb_array"``: an HxWx3 uint8 frame (lake, home, start, trail, agent).
 
@@ -585,7 +423,7 @@ class LakeCrossingEnv(gym.Env[np.ndarray, np.ndarray]):
                 'Set render_mode="rgb_array" or "human" at initialization.'
             )
             return None
-        frame = self._render_frame()
+        frame = self._renderer.frame(self._x, self._y)
         if self.render_mode == "rgb_array":
             return frame
         import matplotlib.pyplot as plt  # lazily: only "human" needs a GUI backend

@@ -1,17 +1,19 @@
-"""Plotting and rollout helpers for LakeCrossing: the lake, and trajectories coloured by route.
+"""Plotting helpers for LakeCrossing: the lake, and trajectories coloured by route.
 
 matplotlib is imported lazily by the drawing functions, so importing this module is cheap.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 
-__all__ = ["ROUTE_COLORS", "draw_lake", "plot_trajectories", "rollout", "route_label"]
+from .geometry import LakeGeometry
+
+__all__ = ["ROUTE_COLORS", "draw_lake", "plot_trajectories"]
 
 #: Colours of the trajectory labels used by :func:`plot_trajectories`.
 ROUTE_COLORS = {
@@ -23,14 +25,15 @@ ROUTE_COLORS = {
 
 
 def _geometry(env_or_geometry: Any) -> dict[str, Any]:
-    """Geometry from an environment (wrappers are looked through) or a mapping."""
-    keys = ("lake_center", "lake_radius", "home", "home_radius", "start", "arena_half_size")
+    """The layout of an environment (wrappers are looked through), a geometry or a mapping."""
     if isinstance(env_or_geometry, Mapping):
         geo = dict(env_or_geometry)
     else:
-        base = getattr(env_or_geometry, "unwrapped", env_or_geometry)
-        geo = {k: getattr(base, k) for k in keys if hasattr(base, k)}
-    missing = [k for k in keys[:4] if k not in geo]
+        geometry = env_or_geometry
+        if not isinstance(geometry, LakeGeometry):
+            geometry = getattr(env_or_geometry, "unwrapped", env_or_geometry).geometry
+        geo = dataclasses.asdict(geometry)
+    missing = [k for k in ("lake_center", "lake_radius", "home", "home_radius") if k not in geo]
     if missing:
         raise ValueError(f"geometry is missing {missing}")
     return geo
@@ -40,7 +43,8 @@ def draw_lake(ax: Any, env_or_geometry: Any, *, show_arena: bool = False) -> Non
     """Draw the lake (blue disk), home (green disk) and default start (black cross) on ``ax``.
 
     :param ax: a matplotlib ``Axes``.
-    :param env_or_geometry: a LakeCrossing environment, or a mapping with ``lake_center``,
+    :param env_or_geometry: a LakeCrossing environment, its
+        :class:`~flowpolicy.envs.LakeGeometry`, or a mapping with ``lake_center``,
         ``lake_radius``, ``home``, ``home_radius`` and optionally ``start`` and
         ``arena_half_size``.
     :param show_arena: also outline the arena square and use it as the axis limits
@@ -75,13 +79,6 @@ def draw_lake(ax: Any, env_or_geometry: Any, *, show_arena: bool = False) -> Non
     ax.set_aspect("equal")
 
 
-def route_label(result: Mapping[str, Any]) -> str:
-    """``"drowned"`` if the episode drowned, else its route ``"cw"``/``"ccw"``, else ``"none"``."""
-    if result.get("drowned"):
-        return "drowned"
-    return result.get("route") or "none"
-
-
 def plot_trajectories(
     ax: Any,
     trajectories: Sequence[np.ndarray],
@@ -96,7 +93,7 @@ def plot_trajectories(
     :param ax: a matplotlib ``Axes`` (typically after :func:`draw_lake`).
     :param trajectories: one (T, 2) array of positions per episode.
     :param routes: one label per trajectory: ``"cw"``, ``"ccw"``, ``"drowned"``, or
-        ``"none"``/``None`` (see :func:`route_label`).
+        ``"none"``/``None`` (an episode's ``label`` from :func:`~flowpolicy.envs.rollout`).
     :param legend: add a legend with the count of each label.
     """
     if len(trajectories) != len(routes):
@@ -120,57 +117,3 @@ def plot_trajectories(
             if name in labels
         ]
         ax.legend(handles=handles, loc="best", fontsize=8)
-
-
-def rollout(
-    env: gym.Env,
-    policy_fn: Callable[[np.ndarray], np.ndarray],
-    n_episodes: int,
-    seed: int | None = None,
-    *,
-    max_steps: int | None = None,
-    reset_options: dict[str, Any] | None = None,
-) -> list[dict[str, Any]]:
-    """Run ``policy_fn`` (observation -> action) for ``n_episodes`` and record each episode.
-
-    The environment is reset with ``seed`` for the first episode only; later episodes continue
-    its random stream. Episodes end on termination, truncation, or after ``max_steps`` steps
-    (default: the registered ``max_episode_steps``, else 1000), so an unwrapped environment
-    is safe too.
-
-    :return: one dict per episode with ``positions`` (T+1, 2) float64 (the first two
-        observation entries, start included), ``actions`` (T, 2) float32, ``rewards`` (T,),
-        ``return`` (float), ``length`` (int), ``success``, ``drowned``, ``truncated`` (bool),
-        ``route`` (``"cw"``/``"ccw"``/``None``) and ``label`` (see :func:`route_label`).
-    """
-    if max_steps is None:
-        spec = getattr(env, "spec", None)
-        max_steps = spec.max_episode_steps if spec and spec.max_episode_steps else 1000
-    results = []
-    for episode in range(n_episodes):
-        obs, info = env.reset(seed=seed if episode == 0 else None, options=reset_options)
-        positions = [np.asarray(obs[:2], dtype=np.float64)]
-        actions, rewards = [], []
-        terminated = truncated = False
-        for _ in range(max_steps):
-            action = np.asarray(policy_fn(obs), dtype=np.float32)
-            obs, reward, terminated, truncated, info = env.step(action)
-            positions.append(np.asarray(obs[:2], dtype=np.float64))
-            actions.append(action)
-            rewards.append(float(reward))
-            if terminated or truncated:
-                break
-        result = {
-            "positions": np.stack(positions),
-            "actions": np.asarray(actions, dtype=np.float32).reshape(-1, 2),
-            "rewards": np.asarray(rewards),
-            "return": float(np.sum(rewards)),
-            "length": len(rewards),
-            "success": bool(info.get("success", False)),
-            "drowned": bool(info.get("drowned", False)),
-            "truncated": bool(truncated or not terminated),
-            "route": info.get("route"),
-        }
-        result["label"] = route_label(result)
-        results.append(result)
-    return results

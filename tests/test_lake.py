@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
+import pickle
+import subprocess
+import sys
 import warnings
 
 import gymnasium as gym
@@ -14,10 +18,13 @@ import flowpolicy.envs as lake_envs
 from flowpolicy.envs import (
     LakeCrossingEnv,
     LakeExpert,
+    LakeGeometry,
     collect_demonstrations,
+    draw_lake,
     geodesic_distance,
+    plot_trajectories,
+    rollout,
 )
-from flowpolicy.envs.plotting import draw_lake, plot_trajectories, rollout
 
 DEFAULT_START = (0.0, -1.25)
 
@@ -90,6 +97,60 @@ def test_public_attributes():
     assert (env.lake_radius, env.home_radius, env.max_speed) == (1.0, 0.25, 0.15)
     assert env.action_space == gym.spaces.Box(-1, 1, (2,), np.float32)
     assert env.observation_space.shape == (2,) and env.observation_space.dtype == np.float32
+
+
+def test_import_is_light():
+    """``import flowpolicy.envs`` loads neither matplotlib nor Stable-Baselines3."""
+    code = (
+        "import sys, flowpolicy.envs; "
+        "print([m for m in ('matplotlib', 'stable_baselines3') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_one_geometry_shared_by_env_expert_and_plots():
+    env = gym.make("LakeCrossing-v0", lake_radius=0.8, home=(0.0, 1.5))
+    geometry = env.unwrapped.geometry
+    assert isinstance(geometry, LakeGeometry)
+    assert geometry == LakeGeometry(lake_radius=0.8, home=(0.0, 1.5))
+    assert geometry != LakeGeometry()
+    assert pickle.loads(pickle.dumps(geometry)) == geometry
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        geometry.lake_radius = 2.0
+    assert env.unwrapped.lake_radius == 0.8
+    np.testing.assert_array_equal(env.unwrapped.home, [0.0, 1.5])
+    assert geometry.axis == (0.0, 1.0) and geometry.lateral == (1.0, -0.0)
+    # The potential is the geometry's distance home; the generic geodesic agrees with it.
+    for p in [(0.0, -1.25), (2.0, -2.0), (-1.5, 0.3), (0.9, 1.1)]:
+        assert env.unwrapped.potential(p) == geometry.home_distance(*p)
+        g = geometry.geodesic(p, geometry.home) - geometry.home_radius
+        assert geometry.home_distance(*p) == pytest.approx(max(g, 0.0), abs=1e-12)
+    # The expert follows the same lake: its margin is measured from this shore.
+    with pytest.raises(ValueError, match="margin too large"):
+        LakeExpert(env, margin=0.75)
+    with pytest.raises(ValueError, match="inside the lake"):
+        LakeGeometry(start=(0.0, -0.95))
+
+
+def test_rollout_runs_sb3_style_models():
+    """Anything with ``predict`` is run as an SB3 model, with ``deterministic`` passed on."""
+
+    class Model:
+        calls: list[bool] = []
+
+        def predict(self, obs, deterministic=False):
+            self.calls.append(deterministic)
+            return np.array([0.0, 1.0], np.float32), None
+
+    env = gym.make("LakeCrossing-v0")
+    (res,) = rollout(env, Model(), 1, seed=0, deterministic=False)
+    assert res["drowned"] and res["label"] == "drowned" and res["terminated"]
+    assert set(Model.calls) == {False}
+    assert res["observations"].shape == (res["length"] + 1, 2)
+    np.testing.assert_array_equal(res["positions"], res["observations"])
+    (res,) = rollout(env.unwrapped, Model(), 1, max_steps=1, reset_options={"start": (2, -2)})
+    assert res["length"] == 1 and res["truncated"] and not res["terminated"]
 
 
 # ----------------------------------------------------------------------------- dynamics
@@ -228,6 +289,95 @@ def test_mirror_symmetry_step_by_step():
             assert info_b["route"] == swap[info_a["route"]]
             if term_a:
                 break
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"start": (-1.5, 0.0), "home": (1.6, 0.0)}], ids=["vertical", "horizontal"]
+)
+def test_reflection_is_an_exact_symmetry(kwargs):
+    """From the mirrored state, the mirrored action gives the mirrored next observation and
+    the same reward, termination and outcome; the routes swap."""
+    from flowpolicy.symmetry import Reflection
+
+    env_a, env_b = LakeCrossingEnv(**kwargs), LakeCrossingEnv(**kwargs)
+    refl = env_a.reflection()
+    assert isinstance(refl, Reflection)
+    assert pickle.loads(pickle.dumps(refl)) == refl
+    rng = np.random.default_rng(4)
+    swap = {"cw": "ccw", "ccw": "cw", None: None}
+    checked = 0
+    while checked < 200:
+        state = rng.uniform(-3, 3, 2)
+        if np.hypot(*state) < 1.0 or np.hypot(*(state - env_a.home)) <= env_a.home_radius:
+            continue
+        checked += 1
+        obs_a, _ = env_a.reset(options={"start": state})
+        obs_b, _ = env_b.reset(options={"start": refl.obs(state)})
+        np.testing.assert_array_equal(obs_b, refl.obs(obs_a))
+        for action in rng.uniform(-1.2, 1.2, size=(3, 2)).astype(np.float32):
+            obs_a, r_a, term_a, trunc_a, info_a = env_a.step(action)
+            obs_b, r_b, term_b, trunc_b, info_b = env_b.step(refl.action(action))
+            np.testing.assert_array_equal(obs_b, refl.obs(obs_a))
+            assert (r_b, term_b, trunc_b) == (r_a, term_a, trunc_a)  # exactly
+            assert (info_b["success"], info_b["drowned"]) == (info_a["success"], info_a["drowned"])
+            assert info_b["route"] == swap[info_a["route"]]
+            if term_a:
+                break
+
+
+def test_reflection_of_a_shifted_lake_and_of_an_asymmetric_task():
+    env = LakeCrossingEnv(lake_center=(0.5, 0.0), start=(0.5, -1.25), home=(0.5, 1.6))
+    refl = env.reflection()
+    np.testing.assert_allclose(refl.obs(np.array([0.7, -2.0])), [0.3, -2.0])
+    np.testing.assert_array_equal(refl.action(np.array([0.2, 0.9])), [-0.2, 0.9])
+    assert env.potential((0.1, -1.3)) == pytest.approx(env.potential((0.9, -1.3)), abs=1e-12)
+    with pytest.raises(ValueError, match="vertical or horizontal"):
+        LakeCrossingEnv(start=(0.3, -1.25)).reflection()
+
+
+# Recorded before the geometry moved into LakeGeometry: the dynamics and rewards are unchanged.
+# (steps, return, final observation, success, drowned, route) per episode.
+RECORDED_EPISODES = [
+    (60, -53.301729315711384, [-2.7226877212524414, 2.1285743713378906], False, False, "cw"),
+    (60, -86.71794154042243, [1.5737545490264893, -1.3011667728424072], False, False, None),
+    (3, -26.71897238130719, [0.02980479598045349, -0.9152684211730957], False, True, None),
+    (60, -95.18040137666571, [2.384786367416382, -0.20410868525505066], False, False, "ccw"),
+    (3, -20.231904578340604, [-0.8958319425582886, 0.19218282401561737], False, True, "cw"),
+    (60, -81.55234029535416, [0.21898342669010162, -2.4115798473358154], False, False, None),
+]
+
+
+def test_seeded_episodes_match_the_recorded_ones():
+    env = LakeCrossingEnv()
+    rng = np.random.default_rng(2024)
+    starts = [(-2.0, -2.5), (1.5, -1.5), (0.0, -1.25), (2.5, 0.5), (-1.2, -0.2), (0.4, -2.9)]
+    for i, (start, recorded) in enumerate(zip(starts, RECORDED_EPISODES, strict=True)):
+        obs, _ = env.reset(seed=i, options={"start": start})
+        total, steps = 0.0, 0
+        while steps < 60:
+            action = rng.uniform(-1.2, 1.2, 2).astype(np.float32)
+            action[1] = abs(action[1]) if i % 2 == 0 else action[1]
+            obs, reward, terminated, _, info = env.step(action)
+            total, steps = total + reward, steps + 1
+            if terminated:
+                break
+        length, ret, final, success, drowned, route = recorded
+        assert (steps, obs.tolist(), info["success"], info["drowned"], info["route"]) == (
+            steps,
+            final,
+            success,
+            drowned,
+            route,
+        )
+        assert total == pytest.approx(ret, rel=1e-13)  # bit for bit here; libm may differ
+    demos = collect_demonstrations(3, seed=0)
+    np.testing.assert_allclose(
+        demos.episode_returns, [132.76469371696177, 132.58292068317337, 132.30378571352287]
+    )
+    assert demos.episode_routes.tolist() == ["ccw", "ccw", "cw"]
+    assert demos.observations[0].tolist() == [0.0, -1.2694188356399536]
+    assert demos.actions[0].tolist() == [0.7948440313339233, 0.6051644086837769]
+    assert demos.next_observations[22].tolist() == [0.11444293707609177, 1.4595648050308228]
 
 
 def test_route_labels():
@@ -502,3 +652,16 @@ def test_docstring_example():
     import flowpolicy.envs.lake as lake_module
 
     assert doctest.testmod(lake_module).failed == 0
+
+
+def test_route_stats_counts_each_outcome():
+    episodes = [
+        {"success": True, "drowned": False, "route": "cw", "return": 10.0},
+        {"success": True, "drowned": False, "route": "ccw", "return": 20.0},
+        {"success": False, "drowned": True, "route": None, "return": -30.0},
+        {"success": False, "drowned": False, "route": "cw", "return": 0.0},  # timed out
+    ]
+    stats = lake_envs.route_stats(episodes)
+    assert stats == {"success": 0.5, "drowned": 0.25, "cw": 0.25, "ccw": 0.25, "return": 0.0}
+    with pytest.raises(ValueError, match="no episodes"):
+        lake_envs.route_stats([])
