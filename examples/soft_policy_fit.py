@@ -2,400 +2,181 @@ r"""SAC's actor objective against a fixed, exactly symmetric two-mode critic: fl
 
 SAC's actor minimizes, at each state,
 
-.. math:: J(\pi) = \mathbb{E}_{a \sim \pi}\big[\alpha \log \pi(a) - Q(a)\big]
-          = \alpha\,\mathrm{KL}\big(\pi \,\|\, e^{Q/\alpha}/Z\big) - \alpha \log Z,
+.. math:: J(\pi) = \mathbb{E}_{a \sim \pi}[\alpha \log \pi(a) - Q(a)]
+          = \alpha\,\mathrm{KL}(\pi \,\|\, e^{Q/\alpha}/Z) - \alpha \log Z,
 
-so the best actor *of any class* is the Boltzmann policy :math:`\pi^* \propto e^{Q/\alpha}`. Here
-the critic is fixed and exactly mirror-symmetric, shaped like LakeCrossing's start state: high
-for actions heading around the lake on either side, :math:`a \approx (\pm m_x, m_y)`, low
-straight ahead into the water:
+so the best actor of any class is the Boltzmann policy :math:`\pi^* \propto e^{Q/\alpha}`. Here
+the critic is fixed and mirror-symmetric, shaped like LakeCrossing's start: high for actions
+heading around the lake on either side, :math:`a \approx (\pm 0.6, 0.6)`, low straight ahead,
+:math:`Q(a) = -10 \min(\|a - (-0.6, 0.6)\|^2, \|a - (0.6, 0.6)\|^2)`. This isolates the actor from
+the critic: in full SAC the critic is learned from the actor's own data.
 
-.. math:: Q(a) = -\kappa \min\big(\|a - (-m_x, m_y)\|^2,\ \|a - (m_x, m_y)\|^2\big)
+Each actor (a state-conditioned network evaluated at one state, as in SAC) is fitted with two
+unbiased gradients of the same objective, :math:`\ell(a) = \alpha \log\pi(a) - Q(a)`:
 
-SAC's automatic :math:`\alpha` starts at 1 and decreases while the actor trains; by default
-:math:`\alpha` is annealed the same way, geometrically from ``--alpha-start`` (1) to its final
-value over the first half of the fit (``--alpha-start 0`` keeps it constant: at small
-:math:`\alpha` from the start, the mode-seeking reverse KL can push a flow that starts
-unimodal onto one side before it splits).
+* ``reparam``, SAC's: the gradient of :math:`\frac1n \sum_i \ell(f_\theta(z_i))`. Once the modes
+  are apart it sees their weights only through the few samples that the map sends into the gap;
+* ``score``, the likelihood-ratio gradient with a leave-one-out baseline,
+  :math:`\frac1n \sum_i (\ell(a_i) - \bar\ell_{-i}) \nabla_\theta \log\pi_\theta(a_i)`.
 
-This isolates the actor from the critic (in full SAC the critic is learned from the actor's own
-data, DESIGN.md §5): the flow actor keeps both modes, the tanh-Gaussian actor takes one, or,
-at large :math:`\alpha`, straddles the gap.
-
-Each actor is fitted with two unbiased gradients of the same objective (``--gradients``):
-
-* ``reparam``, SAC's: :math:`\nabla_\theta \frac1n \sum_i \ell(a_i)` with
-  :math:`a_i = f_\theta(z_i)` and :math:`\ell = \alpha \log\pi - Q`. Once the modes are apart,
-  it sees their weights only through the few samples that the steep part of the map sends into
-  the gap, and at small :math:`\alpha` the split between the modes drifts until one is empty;
-* ``score``, the likelihood-ratio (REINFORCE) gradient with a leave-one-out baseline,
-  :math:`\frac1n \sum_i (\ell(a_i) - \bar\ell_{-i}) \nabla_\theta \log\pi_\theta(a_i)` with
-  the :math:`a_i` held fixed. A mode that holds too much mass has a higher :math:`\ell` there
-  (by :math:`\alpha \log(2w)`), so every sample carries the weights' gradient.
-
-Both actors are state-conditioned networks, as in SAC, evaluated at one fixed state. Masses are
-exact (grid integration of the density, :func:`flowpolicy.diagnostics.side_mass`), and the KL to
-:math:`\pi^*` is computed with the exact :math:`\log Z` (grid integration of :math:`e^{Q/\alpha}`
-over the action square).
+As SAC's automatic :math:`\alpha` starts at 1 and decreases, :math:`\alpha` is annealed
+geometrically from 1 to its final value over the first half of each fit. Masses are exact (grid
+integration), and so is :math:`\log Z` in the KL to :math:`\pi^*`. The study over seeds and
+settings is ``experiments/soft_policy_fit.py``.
 
 Run::
 
-    python examples/soft_policy_fit.py --out runs/soft_fit    # 3 seeds x 3 alphas x 2 gradients
+    python examples/soft_policy_fit.py --out runs/soft_fit
     python examples/soft_policy_fit.py --out runs/soft_fit_tiny --tiny
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import math
-import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
-import matplotlib
+import torch
+import tyro
+from matplotlib.figure import Figure
+from torch import nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-from torch.distributions import Independent, Normal  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from flowpolicy import ConditionalFlow, FlowDistribution  # noqa: E402
-from flowpolicy.bijectors import Tanh  # noqa: E402
-from flowpolicy.diagnostics import action_grid, density_grid, region_mass, side_mass  # noqa: E402
+from flowpolicy import ConditionalFlow
+from flowpolicy.diagnostics import action_grid, density_grid, side_mass
+from flowpolicy.flows import squashed_gaussian
 
 
 @dataclass
 class Args:
+    """SAC's actor objective against a fixed symmetric two-mode critic, flow vs Gaussian."""
+
     out: str = "runs/soft_policy_fit"
-    """output folder (figures, summary.json)"""
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    """seeds of the actors' initialization and sampling"""
-    alphas: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])
-    """entropy coefficients"""
-    gradients: list[str] = field(default_factory=lambda: ["reparam", "score"])
-    """gradient estimators of the objective: reparam (SAC's) and score (likelihood ratio)"""
+    """output folder (summary.json, soft_policy_fit.png)"""
+    seed: int = 0
+    """seed of the actors' initialization and sampling"""
+    alphas: tuple[float, ...] = (0.1, 0.3, 1.0)
+    """final entropy coefficients"""
     steps: int = 2000
     """Adam steps per fit"""
-    alpha_start: float = 1.0
-    """alpha is annealed geometrically from this value to the target alpha over the first half
-    of the steps, as SAC's automatic alpha starts at 1 and decreases; 0 = constant alpha"""
     batch_size: int = 256
-    """reparameterized action samples per step (SAC's batch)"""
+    """action samples per step (SAC's batch)"""
     lr: float = 1e-3
     """Adam learning rate"""
-    kappa: float = 10.0
-    """depth of the critic's wells: Q(gap) - Q(mode) = -kappa m_x^2"""
-    mode_x: float = 0.6
-    """lateral action of the two modes (left and right of straight ahead)"""
-    mode_y: float = 0.6
-    """forward action of the two modes"""
-    flow_layers: int = 4
-    """nonlinear layers of the flow actor"""
-    bins: int = 8
-    """spline bins per layer"""
-    nonlinearity: str = "spline"
-    """flow nonlinearity: spline or prelu"""
-    init_strength: float = 0.0
-    """spread of the flow's initialization (0 = identity map: no initial bias to a side)"""
-    hidden: int = 256
-    """width of both actors' two hidden layers"""
-    mode_radius: float = 0.3
-    """radius of the disc around each mode counted as mass on that mode"""
-    gap: float = 0.2
-    """half-width of the 'straight ahead' strip counted as gap mass"""
-    resolution: int = 200
-    """grid cells per side for exact masses"""
     tiny: bool = False
-    """tiny budget for tests (1 seed, 1 alpha, 30 steps)"""
+    """a tiny budget, for tests"""
 
 
-def parse_args() -> Args:
-    """argparse generated from the dataclass fields (their types, defaults and docstrings)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(Args):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif isinstance(default, list):
-            kind = type(default[0]) if default else float
-            parser.add_argument(flag, type=kind, nargs="+", default=default)
-        else:
-            parser.add_argument(flag, type=type(default), default=default)
-    return Args(**vars(parser.parse_args()))
+MODES = torch.tensor([[-0.6, 0.6], [0.6, 0.6]])  # the critic's two best actions
+OBS = torch.tensor([[0.0, -1.25]])  # one fixed state, the lake's start
 
 
-def critic(actions: torch.Tensor, args: Args) -> torch.Tensor:
+def critic(actions: torch.Tensor) -> torch.Tensor:
     """The fixed symmetric two-well Q of the module docstring."""
-    left = torch.tensor([-args.mode_x, args.mode_y], dtype=actions.dtype)
-    right = torch.tensor([args.mode_x, args.mode_y], dtype=actions.dtype)
-    d_left = ((actions - left) ** 2).sum(-1)
-    d_right = ((actions - right) ** 2).sum(-1)
-    return -args.kappa * torch.minimum(d_left, d_right)
+    return -10.0 * ((actions[..., None, :] - MODES.to(actions)) ** 2).sum(-1).min(-1).values
 
 
 class GaussianActor(nn.Module):
-    """SB3's SAC actor: MLP -> (mean, log_std clamped to [-20, 2]) -> tanh-squashed Gaussian."""
+    """SB3's SAC actor: an MLP gives the mean and log-std of a tanh-squashed Gaussian."""
 
-    def __init__(self, obs_dim: int, hidden: int) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()
-        )
-        self.mu = nn.Linear(hidden, 2)
-        self.log_std = nn.Linear(hidden, 2)
+        self.net = nn.Sequential(nn.Linear(2, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU())
+        self.net.append(nn.Linear(256, 4))
 
-    def forward(self, obs: torch.Tensor) -> FlowDistribution:
-        h = self.body(obs)
-        std = self.log_std(h).clamp(-20, 2).exp()
-        return FlowDistribution(Independent(Normal(self.mu(h), std), 1), [Tanh()])
+    def forward(self, obs: torch.Tensor):
+        mean, log_std = self.net(obs).chunk(2, -1)
+        return squashed_gaussian(mean, log_std.clamp(-20, 2).exp())
 
 
-def make_actor(kind: str, obs_dim: int, args: Args, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    if kind == "gaussian":
-        return GaussianActor(obs_dim, args.hidden)
-    return ConditionalFlow(
-        dim=2,
-        context_dim=obs_dim,
-        layers=args.flow_layers,
-        rank=1,
-        hidden=(args.hidden, args.hidden),
-        nonlinearity=args.nonlinearity,
-        bins=args.bins,
-        squash=True,
-        init_strength=args.init_strength,
-        seed=seed,
-    )
+def log_partition(alpha: float) -> float:
+    r""":math:`\log Z = \log \int e^{Q(a)/\alpha} da` over the action square, on a fine grid."""
+    points, area = action_grid(1000)
+    return float(torch.logsumexp((critic(points) / alpha).flatten(), 0) + math.log(area))
 
 
-def log_partition(alpha: float, args: Args, resolution: int = 1000) -> float:
-    r""":math:`\log Z = \log \int_{[-1,1]^2} e^{Q(a)/\alpha} da` by grid integration."""
-    points, area = action_grid(resolution)
-    q = critic(points, args) / alpha
-    return float(torch.logsumexp(q.flatten(), 0) + math.log(area))
-
-
-def actor_loss(
-    actor: nn.Module, obs: torch.Tensor, alpha: float, gradient: str, args: Args
-) -> tuple[torch.Tensor, float]:
-    r"""A surrogate whose gradient is an unbiased estimate of that of
-    :math:`J = \mathbb{E}_\pi[\alpha \log \pi - Q]` (see the module docstring), and the
-    Monte-Carlo estimate of :math:`J` itself."""
-    dist = actor(obs)
+def actor_loss(actor: nn.Module, alpha: float, gradient: str, batch: int) -> torch.Tensor:
+    """A surrogate whose gradient is an unbiased estimate of the gradient of J."""
+    dist = actor(OBS)
     if gradient == "reparam":
-        actions, log_prob = dist.rsample_and_log_prob((args.batch_size,))
-        loss = (alpha * log_prob - critic(actions, args)).mean()
-        return loss, loss.item()
-    with torch.no_grad():
-        actions = dist.sample((args.batch_size,))
+        actions, log_prob = dist.rsample_and_log_prob((batch,))
+        return (alpha * log_prob - critic(actions)).mean()
+    actions = dist.sample((batch,))
     log_prob = dist.log_prob(actions)
     with torch.no_grad():
-        cost = alpha * log_prob - critic(actions, args)
-        baseline = (cost.sum() - cost) / (len(cost) - 1)  # the mean of the other samples
-    return ((cost - baseline) * log_prob).mean(), cost.mean().item()
+        cost = alpha * log_prob - critic(actions)
+        baseline = (cost.sum() - cost) / (batch - 1)  # the mean of the other samples
+    return ((cost - baseline) * log_prob).mean()
 
 
-def fit(kind: str, gradient: str, alpha: float, seed: int, obs: torch.Tensor, args: Args) -> dict:
-    actor = make_actor(kind, obs.shape[-1], args, seed)
+def fit(kind: str, gradient: str, alpha: float, args: Args) -> dict:
+    """Fit one actor with one gradient; its exact masses and its KL to the Boltzmann policy."""
+    torch.manual_seed(args.seed)  # every fit starts from the same stream
+    if kind == "gaussian":
+        actor = GaussianActor()
+    else:  # 4 (affine, spline) layers, starting as the identity map
+        flow_kwargs = dict(layers=4, nonlinearity="spline", squash=True, init_strength=0.0)
+        actor = ConditionalFlow(dim=2, context_dim=2, **flow_kwargs)
     optimizer = torch.optim.Adam(actor.parameters(), lr=args.lr)
-    torch.manual_seed(seed + 1000)
-    start = time.perf_counter()
-    losses = []
     for step in range(args.steps):
-        # alpha_t: geometric from alpha_start to alpha over the first half, then alpha
-        frac = min(1.0, 2 * step / max(args.steps, 1))
-        alpha_t = alpha if args.alpha_start <= 0 else args.alpha_start ** (1 - frac) * alpha**frac
-        loss, objective = actor_loss(actor, obs, alpha_t, gradient, args)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"{kind} ({gradient}) alpha={alpha} seed={seed}: non-finite loss {loss}"
-            )
+        frac = min(1.0, 2 * step / args.steps)  # alpha: from 1 to alpha over half the fit
+        loss = actor_loss(actor, alpha**frac, gradient, args.batch_size)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(objective)
-    seconds = time.perf_counter() - start
-    masses = side_mass(actor, obs, direction=(0.0, 1.0), gap=args.gap, resolution=args.resolution)
-    # mass *on* each mode (a disc around it), which a broad Gaussian straddling the gap lacks
-    near = {
-        side: region_mass(actor, obs, _disc(sign, args), args.resolution)[0]
-        for side, sign in (("left", -1.0), ("right", 1.0))
-    }
-    with torch.no_grad():
-        actions, log_prob = actor(obs).rsample_and_log_prob((8192,))
-        # KL(pi || pi*) = E_pi[log pi - Q/alpha] + log Z  (exact log Z, Monte-Carlo expectation)
-        kl = (log_prob - critic(actions, args) / alpha).mean().item() + log_partition(alpha, args)
-    return {
-        "kind": kind,
-        "gradient": gradient,
-        "alpha": alpha,
-        "seed": seed,
-        "left": float(masses["left"][0]),
-        "right": float(masses["right"][0]),
-        "gap": float(masses["gap"][0]),
-        "minority": float(min(masses["left"][0], masses["right"][0])),
-        "mode_left": float(near["left"]),
-        "mode_right": float(near["right"]),
-        "kl_to_boltzmann": kl,
-        "final_loss": float(np.mean(losses[-50:])),
-        "seconds_per_step": seconds / max(args.steps, 1),
-        "actor": actor,
-    }
+    mass = side_mass(actor, OBS, direction=(0.0, 1.0), gap=0.2, resolution=200)
+    left, right, gap = (float(mass[key][0]) for key in ("left", "right", "gap"))
+    with torch.no_grad():  # KL(pi || pi*) = E_pi[log pi - Q / alpha] + log Z
+        actions, log_prob = actor(OBS).rsample_and_log_prob((8192,))
+        kl = (log_prob - critic(actions) / alpha).mean().item() + log_partition(alpha)
+    run = dict(kind=kind, gradient=gradient, alpha=alpha, left=left, right=right, gap=gap)
+    return run | dict(minority=min(left, right), kl_to_boltzmann=kl, actor=actor)
 
 
 def main() -> None:
-    args = parse_args()
+    args = tyro.cli(Args)
     if args.tiny:
-        args.seeds, args.alphas, args.steps, args.resolution = args.seeds[:1], [0.3], 30, 64
+        args.alphas, args.steps = (0.3,), 30
     torch.set_num_threads(1)
-    os.makedirs(args.out, exist_ok=True)
-    # one fixed state, as LakeCrossing's start observation would be to a SAC actor
-    obs = torch.tensor([[0.0, -1.0, 0.0, 1.0]])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
 
     runs = []
-    actors = [(k, g) for k in ("flow", "gaussian") for g in args.gradients]
-    jobs = [(k, g, a, s) for a in args.alphas for s in args.seeds for k, g in actors]
-    for kind, gradient, alpha, seed in tqdm(jobs, desc="soft policy fits"):
-        runs.append(fit(kind, gradient, alpha, seed, obs, args))
-
-    def runs_of(kind: str, gradient: str, alpha: float | None = None) -> list[dict]:
-        """The runs of one actor and gradient (at one alpha, or at all)."""
-        return [
-            r
-            for r in runs
-            if (r["kind"], r["gradient"]) == (kind, gradient) and alpha in (None, r["alpha"])
-        ]
-
-    # ---- summary: median over seeds of the mass per mode, per alpha, actor and gradient
-    table = []
     for alpha in args.alphas:
-        for kind, gradient in actors:
-            rows = runs_of(kind, gradient, alpha)
-            table.append(
-                {
-                    "kind": kind,
-                    "gradient": gradient,
-                    "alpha": alpha,
-                    "median_minority_mass": float(np.median([r["minority"] for r in rows])),
-                    "min_minority_mass": float(np.min([r["minority"] for r in rows])),
-                    "median_gap_mass": float(np.median([r["gap"] for r in rows])),
-                    "median_kl": float(np.median([r["kl_to_boltzmann"] for r in rows])),
-                    "left_per_seed": [r["left"] for r in rows],
-                    "median_mode_mass": [
-                        float(np.median([r["mode_left"] for r in rows])),
-                        float(np.median([r["mode_right"] for r in rows])),
-                    ],
-                    "min_mode_mass_per_seed": [min(r["mode_left"], r["mode_right"]) for r in rows],
-                }
-            )
-    step_time = {
-        f"{kind} {gradient}": float(
-            np.median([r["seconds_per_step"] for r in runs_of(kind, gradient)])
-        )
-        for kind, gradient in actors
-    }
-    summary = {
-        "args": dataclasses.asdict(args),
-        "table": table,
-        "runs": [{k: v for k, v in r.items() if k != "actor"} for r in runs],
-        "seconds_per_step": step_time,
-        "boltzmann_mode_mass": {
-            str(alpha): _boltzmann_mode_mass(alpha, args) for alpha in args.alphas
-        },
-        "boltzmann_gap_mass": {
-            str(alpha): float(_boltzmann_gap_mass(alpha, args)) for alpha in args.alphas
-        },
-    }
-    with open(os.path.join(args.out, "summary.json"), "w") as fh:
-        json.dump(summary, fh, indent=2)
-
-    print(
-        f"\n{'actor':9s} {'gradient':8s} {'alpha':>6s} {'minority (median)':>18s} {'min':>6s} "
-        f"{'gap':>6s} {'KL':>6s}  left mass per seed | mass on the less-held mode"
-    )
-    for row in table:
-        print(
-            f"{row['kind']:9s} {row['gradient']:8s} {row['alpha']:6.2f} "
-            f"{row['median_minority_mass']:18.3f} {row['min_minority_mass']:6.3f} "
-            f"{row['median_gap_mass']:6.3f} {row['median_kl']:6.3f}"
-            f"  {', '.join(f'{x:.3f}' for x in row['left_per_seed'])} | "
-            f"{', '.join(f'{x:.3f}' for x in row['min_mode_mass_per_seed'])} "
-            f"(pi*: {summary['boltzmann_mode_mass'][str(row['alpha'])]:.3f})"
-        )
-    print("ms per step: " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in step_time.items()))
-
-    # ---- figure: target and each actor's density, first seed, each alpha
-    columns = 1 + len(actors)
-    fig, axes = plt.subplots(
-        len(args.alphas), columns, figsize=(3.2 * columns, 3.1 * len(args.alphas)), squeeze=False
-    )
-    points, area = action_grid(args.resolution)
-    for i, alpha in enumerate(args.alphas):
-        target = critic(points, args) / alpha - log_partition(alpha, args)
-        panels = [("Boltzmann target exp(Q/α)/Z", target)]
-        for kind, gradient in actors:
-            r = next(
-                r for r in runs if (r["kind"], r["gradient"], r["alpha"]) == (kind, gradient, alpha)
-            )
-            log_prob = density_grid(r["actor"], obs, args.resolution)[0][0]
-            panels.append(
-                (
-                    f"{kind}, {gradient} gradient:\nleft {r['left']:.2f} / right {r['right']:.2f}, "
-                    f"gap {r['gap']:.2f}",
-                    log_prob,
+        for kind in ("flow", "gaussian"):
+            for gradient in ("reparam", "score"):
+                runs.append(fit(kind, gradient, alpha, args))
+                r = runs[-1]
+                print(
+                    f"alpha {alpha:4.2f} {kind:8s} {gradient:7s}: left {r['left']:.3f} right "
+                    f"{r['right']:.3f} gap {r['gap']:.3f} KL {r['kl_to_boltzmann']:.3f}",
+                    flush=True,
                 )
-            )
-        for ax, (title, log_prob) in zip(axes[i], panels):
-            ax.imshow(
-                log_prob.exp().numpy(),
-                origin="lower",
-                extent=(-1, 1, -1, 1),
-                cmap="magma",
-                vmax=float(target.exp().max()),
-            )
-            ax.annotate(
-                "",
-                xy=(0, 0.9),
-                xytext=(0, 0),
-                arrowprops=dict(arrowstyle="->", color="cyan", lw=1.5),
-            )
+    table = [{k: v for k, v in r.items() if k != "actor"} for r in runs]
+    summary = {"args": asdict(args), "runs": table}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+    # ---- figure: the Boltzmann target and each actor's density, one row per alpha
+    fig = Figure(figsize=(3.2 * 5, 3.1 * len(args.alphas)))
+    axes = fig.subplots(len(args.alphas), 5, squeeze=False)
+    points, _ = action_grid(200)
+    for row, alpha in zip(axes, args.alphas):
+        target = critic(points) / alpha - log_partition(alpha)
+        panels = [("Boltzmann target exp(Q/α)/Z", target)]
+        for r in (r for r in runs if r["alpha"] == alpha):
+            masses = f"left {r['left']:.2f} / right {r['right']:.2f}, gap {r['gap']:.2f}"
+            title = f"{r['kind']}, {r['gradient']} gradient:\n{masses}"
+            panels.append((title, density_grid(r["actor"], OBS, 200)[0][0]))
+        for ax, (title, log_prob) in zip(row, panels):
+            image = log_prob.exp().numpy()
+            vmax = float(target.exp().max())  # the target's colour scale for every panel
+            ax.imshow(image, origin="lower", extent=(-1, 1, -1, 1), cmap="magma", vmax=vmax)
+            ax.annotate("", xy=(0, 0.9), xytext=(0, 0), arrowprops=dict(arrowstyle="->", color="c"))
             ax.set_title(f"α={alpha}: {title}", fontsize=8)
-            ax.set_xticks([-1, 0, 1])
-            ax.set_yticks([-1, 0, 1])
-    fig.suptitle(
-        "SAC actor objective vs a fixed symmetric Q (cyan: straight ahead, the gap)", fontsize=10
-    )
+    fig.suptitle("SAC actor objective vs a fixed symmetric Q (cyan: straight ahead, the gap)")
     fig.tight_layout()
-    path = os.path.join(args.out, "soft_policy_fit.png")
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path} and {os.path.join(args.out, 'summary.json')}")
-
-
-def _disc(sign: float, args: Args):
-    """The disc of radius ``mode_radius`` around the mode on side ``sign`` (-1 left, +1 right)."""
-    center = torch.tensor([sign * args.mode_x, args.mode_y], dtype=torch.float64)
-    return lambda points: ((points - center) ** 2).sum(-1) < args.mode_radius**2
-
-
-def _boltzmann_mode_mass(alpha: float, args: Args) -> float:
-    """Mass of the optimal actor pi* in the disc around one mode."""
-    points, area = action_grid(400)
-    log_p = critic(points, args) / alpha - log_partition(alpha, args)
-    return float((log_p.exp() * _disc(1.0, args)(points)).sum() * area)
-
-
-def _boltzmann_gap_mass(alpha: float, args: Args) -> float:
-    """Gap mass of the optimal actor pi* (what a perfect fit would put straight ahead)."""
-    points, area = action_grid(400)
-    log_p = critic(points, args) / alpha - log_partition(alpha, args)
-    inside = (points[..., 0].abs() < args.gap) & (points[..., 1] > 0)
-    return float((log_p.exp() * inside).sum() * area)
+    fig.savefig(out / "soft_policy_fit.png", dpi=110)
+    print(f"wrote summary.json and soft_policy_fit.png to {out}")
 
 
 if __name__ == "__main__":
