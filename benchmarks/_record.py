@@ -1,10 +1,15 @@
-"""Append a benchmark table to BENCHMARKS.md with the date, the command and the machine."""
+"""Record a benchmark table in BENCHMARKS.md with the date, the command and the machine.
+
+Each benchmark has one section, named by its title: recording again replaces it, so the file
+shows every benchmark's current result once (earlier runs are in its git history).
+"""
 
 from __future__ import annotations
 
 import datetime
 import os
 import platform
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -26,14 +31,20 @@ def machine(threads: int | None = None) -> str:
 
 
 def record(title: str, table: str, threads: int | None = None) -> None:
-    """Append ``table`` under a heading with the UTC date, the command line and the machine."""
+    """Write ``table`` under ``## title`` with the UTC date, the command line and the machine,
+    replacing the section of that title if there is one (else appending it)."""
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    header = "# Benchmarks\n\nTables appended by the scripts in `benchmarks/`, newest last.\n"
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else header
-    text += (
-        f"\n## {title}\n\n- date: {date}\n- command: `{command}`\n- machine: {machine(threads)}\n\n"
-        f"{table}\n"
+    section = (
+        f"## {title}\n\n- date: {date}\n- command: `{command}`\n- machine: {machine(threads)}\n\n"
+        f"{table.strip()}\n"
     )
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
+    # a section runs from its heading to the next "## " heading or the end of the file
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.M | re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
+    else:
+        text = text.rstrip() + "\n\n" + section
     BENCHMARKS.write_text(text)
-    print(f"appended to {BENCHMARKS}")
+    print(f"recorded in {BENCHMARKS} under '{title}'")

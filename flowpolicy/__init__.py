@@ -1,14 +1,18 @@
-"""flowpolicy: normalizing-flow policies for Stable-Baselines3 SAC.
+"""flowpolicy: normalizing-flow policies for Stable-Baselines3.
 
-Importing the package registers the ``LakeCrossing-v0`` Gymnasium environment.
+Importing the package registers the ``LakeCrossing-v0`` Gymnasium environment. It loads torch and
+Gymnasium only: the Stable-Baselines3 parts (``FlowPolicy``, ``symmetry``, ``diagnostics``) and
+the density tools are imported when first used.
 """
 
-from flowpolicy import bijectors, diagnostics, envs, targets
-from flowpolicy.flows import ConditionalFlow, Flow, FlowDistribution
-from flowpolicy.sb3 import FlowActor, FlowPolicy
+import importlib
+
+from flowpolicy import bijectors, envs, targets
+from flowpolicy.flows import ConditionalFlow, Flow, FlowDistribution, squashed_gaussian
 
 __all__ = [
     "ConditionalFlow",
+    "EntropyCallback",
     "Flow",
     "FlowActor",
     "FlowDistribution",
@@ -17,16 +21,31 @@ __all__ = [
     "density",
     "diagnostics",
     "envs",
+    "squashed_gaussian",
+    "symmetry",
     "targets",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+# name -> module that defines it, imported on first access (PEP 562)
+_LAZY = {
+    "EntropyCallback": "flowpolicy.sb3",
+    "FlowActor": "flowpolicy.sb3",
+    "FlowPolicy": "flowpolicy.sb3",
+    "density": "flowpolicy.density",
+    "diagnostics": "flowpolicy.diagnostics",
+    "symmetry": "flowpolicy.symmetry",
+}
 
 
 def __getattr__(name: str):
-    # density is imported on first use: imported here eagerly, `python -m flowpolicy.density`
-    # would find it in sys.modules already and runpy would warn
-    if name == "density":
-        import importlib
+    if name not in _LAZY:
+        raise AttributeError(f"module 'flowpolicy' has no attribute {name!r}")
+    module = importlib.import_module(_LAZY[name])
+    value = module if module.__name__.endswith(name) else getattr(module, name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-        return importlib.import_module("flowpolicy.density")
-    raise AttributeError(f"module 'flowpolicy' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
