@@ -345,7 +345,7 @@ def record_table(summary: dict, args: Args) -> None:
             f"{100 * row['median_gap_mass']:.1f} | {row['median_kl']:.3f} | {seeds} |"
         )
     note = (
-        f"\nSeeds {list(args.seeds)}, {args.steps} Adam steps per fit, batch {args.batch_size}, "
+        f"\n\nSeeds {list(args.seeds)}, {args.steps} Adam steps per fit, batch {args.batch_size}, "
         f"alpha annealed from {args.alpha_start} over the first half. Masses exact (grid "
         f"integration at {args.resolution}x{args.resolution}), KL with the exact log Z.\n"
     )
