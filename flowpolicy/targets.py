@@ -79,7 +79,10 @@ class Target:
                 f"{self.name}.sample: the generator lives on {generator.device}, "
                 f"but samples were asked on {device}"
             )
-        return self._sample(n, generator, device, dtype or torch.get_default_dtype())
+        dtype = dtype or torch.get_default_dtype()
+        if not dtype.is_floating_point:
+            raise TypeError(f"{self.name}.sample: dtype must be a floating dtype, got {dtype}")
+        return self._sample(n, generator, device, dtype)
 
     def _sample(
         self, n: int, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
@@ -94,11 +97,17 @@ class Target:
         """Exact differential entropy :math:`H = -\\mathbb{E}_p[\\log p]` in nats."""
         raise NotImplementedError
 
-    def _check(self, x: Tensor) -> None:
+    def _check(self, x: Tensor) -> Tensor:
+        """``x`` checked for shape; integer and boolean points are converted to torch's default
+        floating dtype (a mixture computed in an integer dtype would be NaN)."""
+        if not isinstance(x, Tensor) or x.is_complex():
+            kind = f"a {x.dtype} tensor" if isinstance(x, Tensor) else type(x).__name__
+            raise TypeError(f"{self.name}.log_prob: expected a real tensor, got {kind}")
         if x.dim() < 1 or x.shape[-1] != self.dim:
             raise ValueError(
                 f"{self.name}.log_prob: expected shape (..., {self.dim}), got {tuple(x.shape)}"
             )
+        return x if x.is_floating_point() else x.to(torch.get_default_dtype())
 
     def __repr__(self) -> str:
         return f"<target {self.name!r}: dim={self.dim}, entropy={self.entropy():.4f} nats>"
@@ -133,7 +142,7 @@ class Banana(Target):
         return torch.stack([x1, x2], dim=-1)
 
     def log_prob(self, x: Tensor) -> Tensor:
-        self._check(x)
+        x = self._check(x)
         x1, x2 = x[..., 0], x[..., 1]
         log_p2 = -0.5 * (x2 / self.scale).square() - math.log(self.scale) - 0.5 * _LOG_2PI
         log_p1 = -0.5 * (x1 - self.curvature * x2.square()).square() - 0.5 * _LOG_2PI
@@ -197,7 +206,7 @@ class GaussianMixture(Target):
         return means[k] + stds[k, None] * eps
 
     def log_prob(self, x: Tensor) -> Tensor:
-        self._check(x)
+        x = self._check(x)
         means = self.means.to(device=x.device, dtype=x.dtype)
         stds = self.stds.to(device=x.device, dtype=x.dtype)
         log_weights = self.log_weights.to(device=x.device, dtype=x.dtype)

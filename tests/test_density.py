@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -336,6 +337,17 @@ def test_cli_end_to_end(tmp_path, nonlinearity):
         (["--target", "moon"], "unknown target 'moon'"),
         (["--steps", "0"], "--steps must be a positive int"),
         (["--steps", "-3"], "--steps must be a positive int"),
+        (["--lr", "-1"], "--lr must be"),
+        (["--lr", "inf"], "--lr must be"),
+        (["--ema", "1.5"], "--ema must be"),
+        (["--time-limit", "nan"], "--time-limit must be"),
+        (["--kink-bandwidth", "-1"], "--kink-bandwidth must be"),
+        (["--hinge-spread", "0"], "--hinge-spread must be"),
+        (["--init-strength", "-1"], "--init-strength must be"),
+        (["--rank", "3"], "--rank must be"),
+        (["--bins", "1"], "--bins must be"),
+        (["--layers", "-1"], "--layers must be"),
+        (["--eval-samples", "0"], "--eval-samples must be"),
     ]
     + ([(["--device", "cuda"], "no CUDA device is available")] if NO_CUDA else []),
 )
@@ -369,3 +381,279 @@ def test_example_fit_banana_tiny(tmp_path):
     assert math.isfinite(summary["kl"]) and summary["steps"] == 100
     assert (tmp_path / "deformation.png").is_file()
     assert density.load(tmp_path).config["layers"] == 4
+
+
+# --------------------------------------------------------------------------------------------
+# reliability (issue 15): no silent NaN, no lost or mixed save
+# --------------------------------------------------------------------------------------------
+
+
+def gaussian_data(n, scale, seed=0):
+    return scale * torch.randn(n, 2, generator=torch.Generator().manual_seed(seed))
+
+
+def test_fit_never_writes_nan_into_the_flow():
+    """19 rows used to standardize on a one-row held-out set: the flow became NaN in place."""
+    flow = Flow(2, layers=2, seed=0)
+    before = flow.theta.detach().clone()
+    with pytest.raises(ValueError, match="needs at least 20"):
+        density.fit(flow, torch.randn(19, 2), steps=5, progress=False, device="cpu")
+    with pytest.raises(ValueError, match="holdout must be in"):
+        density.fit(flow, torch.randn(100, 2), steps=5, holdout=0, progress=False, device="cpu")
+    with pytest.raises(ValueError, match="column 1 of the data is constant"):
+        data = torch.cat([torch.randn(100, 1), torch.full((100, 1), 3.0)], 1)
+        density.fit(flow, data, steps=5, progress=False, device="cpu")
+    with pytest.raises(ValueError, match="NaN or inf in 1 of 100 rows"):
+        data = torch.randn(100, 2)
+        data[7, 1] = math.nan
+        density.fit(flow, data, steps=5, progress=False, device="cpu")
+    assert torch.equal(flow.theta, before)
+    # 20 rows are enough (2 held out) and give a finite flow
+    history = density.fit(flow, torch.randn(20, 2), steps=5, progress=False, device="cpu")
+    assert torch.isfinite(flow.theta).all() and all(map(math.isfinite, history.nll))
+
+
+def test_a_diverging_fit_leaves_the_flow_unchanged():
+    flow = Flow(2, layers=2, seed=0)
+    before = flow.theta.detach().clone()
+    with pytest.raises(FloatingPointError, match="left unchanged"):
+        density.fit(flow, gaussian_data(1000, 1.0), steps=50, lr=1e6, progress=False)
+    assert torch.equal(flow.theta, before)
+
+
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("lr", math.inf),
+        ("lr", math.nan),
+        ("lr", -1.0),
+        ("final_lr", -0.5),
+        ("warmup", 1.5),
+        ("holdout", 1.0),
+        ("holdout", -0.1),
+        ("ema", 1.0),
+        ("time_limit", math.nan),
+        ("kink_bandwidth", -1.0),
+        ("eval_every", 0),
+    ],
+)
+def test_fit_rejects_bad_options(option, value):
+    flow = Flow(2, layers=1, seed=0)
+    before = flow.theta.detach().clone()
+    with pytest.raises(ValueError, match=option):
+        density.fit(flow, gaussian_data(100, 1.0), steps=5, progress=False, **{option: value})
+    assert torch.equal(flow.theta, before)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 3e-4, 1e5])
+def test_fit_handles_any_units(scale):
+    """fit trains in standardized units and folds the data's scale back without meeting the
+    affine diagonal's floor (1e-4): the same fit, up to -d log(scale), at any scale (std 1e-5
+    used to raise, 3e-4 to end tens of nats off)."""
+    data = gaussian_data(4000, 1.0)
+    nll = []
+    for s in (1.0, scale):
+        flow = Flow(2, layers=2, rank=1, seed=0)
+        history = density.fit(flow, s * data, steps=60, batch_size=256, progress=False)
+        with torch.no_grad():
+            mine = -flow().log_prob(s * data).double().mean().item()
+        assert mine == pytest.approx(history.nll[-1], abs=0.1)  # the flow is in data units
+        nll.append(mine - 2 * math.log(s))
+    assert nll[1] == pytest.approx(nll[0], abs=1e-3)
+
+
+def test_fit_refuses_a_scale_a_spline_flow_cannot_represent_before_training():
+    flow = Flow(2, layers=2, rank=1, nonlinearity="spline", seed=0)
+    before = flow.theta.detach().clone()
+    with pytest.raises(ValueError, match="floored at 0.0001"):
+        density.fit(flow, gaussian_data(1000, 1e-7), steps=10**6, time_limit=5.0, progress=False)
+    assert torch.equal(flow.theta, before)
+
+
+def test_initializers_reject_bad_data_and_handle_tiny_scales():
+    one_row, nan_row = torch.randn(1, 2), torch.randn(50, 2)
+    nan_row[3, 0] = math.nan
+    constant = torch.cat([torch.randn(50, 1), torch.ones(50, 1)], 1)
+    cases = [(one_row, "at least 2 rows"), (nan_row, "NaN or inf"), (constant, "constant")]
+    for init, nonlinearity in [
+        (density.init_hinges_, "prelu"),
+        (density.init_splines_, "spline"),
+        (density.standardize_, "prelu"),
+    ]:
+        flow = Flow(2, layers=4, rank=1, nonlinearity=nonlinearity, seed=0)
+        before = flow.theta.detach().clone()
+        for data, message in cases:
+            with pytest.raises(ValueError, match=message):
+                init(flow, data)
+        assert torch.equal(flow.theta, before)
+    # data of std 1e-6: the same map, scaled (the last layer alone would fall below the floor)
+    data = targets.banana.sample(20_000, generator=torch.Generator().manual_seed(1))
+    unit = density.init_hinges_(Flow(2, layers=6, rank=2, seed=0), data)
+    tiny = density.init_hinges_(Flow(2, layers=6, rank=2, seed=0), 1e-6 * data)
+    with torch.no_grad():
+        log_q = unit().log_prob(data[:1000]).double()
+        log_q_tiny = tiny().log_prob(1e-6 * data[:1000]).double() + 2 * math.log(1e-6)
+    assert torch.allclose(log_q_tiny, log_q, atol=2e-3)
+    assert torch.isfinite(density.init_hinges_(Flow(2, layers=4, rank=1), data[:2]).theta).all()
+
+
+def test_half_precision_is_a_clear_error():
+    with pytest.raises(TypeError, match="float16.*flow.float"):
+        density.fit(Flow(2, layers=1).half(), gaussian_data(100, 1.0), steps=5, progress=False)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        density.evaluate(Flow(2, layers=1).half(), "banana", 100)
+    # data of another dtype than the flow is converted
+    flow = Flow(2, layers=1, seed=0)
+    density.fit(flow, gaussian_data(100, 1.0).double(), steps=5, progress=False)
+    assert flow.theta.dtype == torch.float32 and torch.isfinite(flow.theta).all()
+
+
+def saved_pair(tmp_path):
+    """Two flows of one layout with different weights, and a directory holding the first."""
+    a, b = Flow(2, layers=2, rank=1, seed=0), Flow(2, layers=2, rank=1, seed=1)
+    return a, b, density.save(a, tmp_path / "flow")
+
+
+def test_interrupted_save_keeps_the_previous_save(tmp_path, monkeypatch):
+    a, b, path = saved_pair(tmp_path)
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b"half a file")
+        raise OSError("No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", broken_save)
+        with pytest.raises(OSError, match="No space"):
+            density.save(b, path)
+    assert torch.equal(density.load(path).theta, a.theta)
+    # interrupted at the commit (config.json's rename): the previous save
+    real_replace, calls = os.replace, []
+
+    def replace_then_stop(src, dst):
+        calls.append(dst)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", replace_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            density.save(b, path)
+    assert torch.equal(density.load(path).theta, a.theta)
+    # interrupted between the commit and the weights' rename: the new save, whole
+    calls.clear()
+
+    def stop_after_commit(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", stop_after_commit)
+        with pytest.raises(KeyboardInterrupt):
+            density.save(b, path)
+    assert torch.equal(density.load(path).theta, b.theta)
+    density.save(a, path)  # finishes the interrupted one, removes the leftovers
+    assert torch.equal(density.load(path).theta, a.theta)
+    assert sorted(p.name for p in path.iterdir()) == [".save.lock", "config.json", "weights.pt"]
+
+
+def test_load_refuses_a_mixed_pair(tmp_path):
+    a, b, path = saved_pair(tmp_path)
+    other = density.save(b, tmp_path / "other")
+    (path / "weights.pt").write_bytes((other / "weights.pt").read_bytes())
+    with pytest.raises(ValueError, match="two different saves"):
+        density.load(path)
+    # a save of the first format (no save id, no hash) still loads
+    legacy = density.save(a, tmp_path / "legacy")
+    meta = json.loads((legacy / "config.json").read_text())
+    meta = {k: v for k, v in meta.items() if k not in ("save_id", "weights_sha256")}
+    (legacy / "config.json").write_text(json.dumps({**meta, "format_version": 1}))
+    assert torch.equal(density.load(legacy).theta, a.theta)
+
+
+def test_concurrent_saves_and_loads_never_mix(tmp_path):
+    """A writer alternates two saves of different dtypes while a reader loads: every load is
+    one whole save (the dtype of config.json and the values of weights.pt agree)."""
+    import threading
+
+    a, b = Flow(2, layers=2, rank=1, seed=0), Flow(2, layers=2, rank=1, seed=1).double()
+    path = density.save(a, tmp_path / "flow")
+    stop, errors, loads = threading.Event(), [], [0]
+
+    def write():  # a few hundred saves, or 2 seconds (each save fsyncs)
+        start = time.perf_counter()
+        for i in range(300):
+            if time.perf_counter() - start > 2:
+                break
+            density.save(b if i % 2 else a, path)
+
+    def read():
+        while not stop.is_set():
+            try:
+                flow = density.load(path)
+            except Exception as error:  # noqa: BLE001
+                errors.append(error)
+                continue
+            expected = a if flow.theta.dtype == torch.float32 else b
+            if not torch.equal(flow.theta, expected.theta):
+                errors.append("mixed pair")
+            loads[0] += 1
+
+    writer, reader = threading.Thread(target=write), threading.Thread(target=read)
+    reader.start()
+    writer.start()
+    writer.join(timeout=20)
+    stop.set()
+    reader.join(timeout=20)
+    assert errors == [] and loads[0] >= 20
+
+
+def test_load_corrupted_files_raise_value_errors(tmp_path):
+    flow = Flow(2, layers=2, rank=1, seed=0)
+
+    def fresh(name):
+        return density.save(flow, tmp_path / name)
+
+    path = fresh("truncated")
+    weights = (path / "weights.pt").read_bytes()
+    (path / "weights.pt").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ValueError, match="weights.pt"):
+        density.load(path)
+    meta = json.loads((fresh("x") / "config.json").read_text())
+    cases = {
+        "binary": b"\xff\xfe\x00garbage",
+        "garbage": b"{not json",
+        "list": b"[1, 2]",
+        "no_config": json.dumps({"format": "flowpolicy.Flow"}).encode(),
+        "bad_key": json.dumps({**meta, "config": {**meta["config"], "depth": 3}}).encode(),
+        "bad_dtype": json.dumps({**meta, "dtype": "float17"}).encode(),
+        "bad_value": json.dumps({**meta, "config": {**meta["config"], "dim": "two"}}).encode(),
+    }
+    for name, content in cases.items():
+        path = fresh(name)
+        (path / "config.json").write_bytes(content)
+        with pytest.raises(ValueError, match="config.json"):
+            density.load(path)
+    path = fresh("not_a_state_dict")
+    torch.save([1, 2, 3], path / "weights.pt")
+    meta = json.loads((path / "config.json").read_text())
+    meta.pop("weights_sha256")  # a save of the first format (no hash)
+    (path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="weights.pt"):
+        density.load(path)
+    path = fresh("no_weights")
+    (path / "weights.pt").unlink()
+    with pytest.raises(ValueError, match="weights.pt is missing"):
+        density.load(path)
+
+
+def test_cli_checks_out_before_training(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    for out in (a_file, a_file / "below"):
+        with pytest.raises(SystemExit) as exit_info:
+            density.main(["--out", str(out), "--no-progress", "--device", "cpu"])
+        assert exit_info.value.code == 2
+        assert "--out" in capsys.readouterr().err

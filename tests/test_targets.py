@@ -124,3 +124,16 @@ def test_sampling_on_gpu(name):
     log_p = target.log_prob(x)
     assert log_p.device.type == "cuda"
     assert abs(-log_p.mean().item() - target.entropy()) < 0.05
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_integer_points_and_dtypes(name):
+    """Integer points are scored as floats (a mixture computed in int64 was NaN); a non-floating
+    sample dtype or complex points are clear errors."""
+    target = targets.get(name)
+    points = torch.tensor([[0, 1], [2, -1]])
+    assert torch.equal(target.log_prob(points), target.log_prob(points.float()))
+    with pytest.raises(TypeError, match="floating dtype"):
+        target.sample(3, dtype=torch.int64)
+    with pytest.raises(TypeError, match="real tensor"):
+        target.log_prob(torch.zeros(3, 2, dtype=torch.complex64))

@@ -36,7 +36,9 @@ standard error, saves the flow and the figures)::
     python -m flowpolicy.density --target banana --device auto --out runs/banana
 
 The modules: :mod:`~flowpolicy.density.init` (initializers), :mod:`~flowpolicy.density.fit`
-(fitting and scores), :mod:`~flowpolicy.density.io` (save and load),
+(fitting and scores), :mod:`~flowpolicy.density.source` (what fit trains on, in standardized
+units, and the checks of its arguments), :mod:`~flowpolicy.density.io` (atomic save, checked
+load),
 :mod:`~flowpolicy.density.plots` (figures; matplotlib is imported when a figure is drawn),
 :mod:`~flowpolicy.density.recipes` (the command line's settings) and ``__main__`` (the
 command line, :func:`main`).

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
 
 from flowpolicy import targets as _targets
-from flowpolicy.density.fit import _check_positive, evaluate, fit, resolve_device
-from flowpolicy.density.io import save
+from flowpolicy.density.fit import evaluate, fit, resolve_device
+from flowpolicy.density.io import check_writable, save
 from flowpolicy.density.recipes import DEFAULTS, SPLINE_DEFAULTS, initial_flow
+from flowpolicy.density.source import check_positive, check_range
 
 __all__ = ["main"]
 
@@ -90,13 +92,31 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    _check_positive("--steps", args.steps)
-    _check_positive("--batch-size", args.batch_size)
-    _check_positive("--eval-samples", args.eval_samples)
-    _check_positive("--threads", args.threads)
-    if args.time_limit < 0:
-        raise ValueError(f"--time-limit must be >= 0, got {args.time_limit}")
+def _check_args(args: argparse.Namespace, target: _targets.Target) -> None:
+    """Every flag, before anything is computed (a ValueError naming the flag)."""
+    dim = target.dim
+    for flag in ("steps", "batch_size", "eval_samples", "threads"):
+        check_positive(f"--{flag.replace('_', '-')}", getattr(args, flag))
+    inf = math.inf
+    check_range("--time-limit", args.time_limit, 0, inf, open_high=True)
+    check_range("--lr", args.lr, 0, inf, open_low=True, open_high=True)
+    check_range("--ema", args.ema, 0, 1, open_high=True)
+    check_range("--init-strength", args.init_strength, 0, inf, open_high=True)
+    check_range("--init-spread", args.init_spread, -inf, inf, open_low=True, open_high=True)
+    check_range("--hinge-spread", args.hinge_spread, 0, inf, open_low=True, open_high=True)
+    check_range("--kink-bandwidth", args.kink_bandwidth, 0, inf, open_high=True)
+    if args.layers is not None and args.layers < 0:
+        raise ValueError(f"--layers must be a non-negative int, got {args.layers}")
+    if not 0 <= args.rank <= dim:
+        raise ValueError(f"--rank must be in [0, {dim}] for a {dim}-D target, got {args.rank}")
+    if args.bins < 2:
+        raise ValueError(f"--bins must be at least 2, got {args.bins}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be a non-negative int, got {args.seed}")
+    try:
+        check_writable(args.out or f"runs/{target.name}")
+    except ValueError as error:
+        raise ValueError(f"--out: {error}") from None
 
 
 def _report(target, history, scores, device, args, out: Path) -> None:
@@ -130,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         target = _targets.get(args.target)
         device = resolve_device(args.device)
-        _check_args(args)
+        _check_args(args, target)
         if args.layers is None:
             spline = args.nonlinearity == "spline"
             args.layers = SPLINE_DEFAULTS["layers"] if spline else DEFAULTS["layers"]

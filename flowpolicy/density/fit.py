@@ -8,9 +8,9 @@ a target (or of a data tensor's rows) and keeps an exponential moving average of
 
 from __future__ import annotations
 
+import copy
 import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -19,7 +19,8 @@ from torch.func import functional_call
 from torch.optim.swa_utils import AveragedModel
 
 from flowpolicy import targets as _targets
-from flowpolicy.density.init import standardize_
+from flowpolicy.density.init import scale_output_, standardize_
+from flowpolicy.density.source import Source, check_fit_args, check_positive, make_source
 from flowpolicy.flows import Flow
 from flowpolicy.targets import Target
 
@@ -104,12 +105,18 @@ class History:
 
 @torch.no_grad()
 def _score(
-    flow: Flow, x: Tensor, log_p: Tensor | None, theta: Tensor | None = None, chunk: int = 65536
+    flow: Flow,
+    x: Tensor,
+    log_p: Tensor | None,
+    theta: Tensor | None = None,
+    log_scale: float = 0.0,
+    chunk: int = 65536,
 ) -> dict[str, float]:
     """Held-out NLL of ``x`` under ``flow``, or under its layout with parameters ``theta`` (and
-    the KL when ``log_p`` is given)."""
+    the KL when ``log_p`` is given); ``x`` in working units, ``log_scale`` their log-Jacobian
+    (:attr:`Source.log_scale <flowpolicy.density.source.Source.log_scale>`)."""
     dist = flow(False) if theta is None else functional_call(flow, {"theta": theta}, (False,))
-    log_q = torch.cat([dist.log_prob(part) for part in x.split(chunk)]).double()
+    log_q = torch.cat([dist.log_prob(part) for part in x.split(chunk)]).double() - log_scale
     n = log_q.numel()
     out = {"nll": -log_q.mean().item(), "nll_stderr": log_q.std().item() / math.sqrt(n)}
     if log_p is not None:
@@ -132,6 +139,12 @@ def evaluate(
     (:math:`\hat\sigma/\sqrt n`) and the exact ``entropy``.
     """
     target = _targets.get(target) if isinstance(target, str) else target
+    if not isinstance(target, Target):
+        raise ValueError(f"evaluate: expected a Target or a target's name, got {target!r}")
+    if not isinstance(flow, Flow) or flow.theta.dtype not in (torch.float32, torch.float64):
+        kind = flow.theta.dtype if isinstance(flow, Flow) else type(flow).__name__
+        raise TypeError(f"evaluate: expected a float32 or float64 flowpolicy.Flow, got {kind}")
+    check_positive("num_samples", num_samples)
     device = flow.theta.device if device is None else resolve_device(device)
     flow = flow.to(device)
     generator = torch.Generator(device).manual_seed(seed)
@@ -144,93 +157,6 @@ def evaluate(
 # --------------------------------------------------------------------------------------------
 # the pieces of fit
 # --------------------------------------------------------------------------------------------
-
-
-def _check_positive(name: str, value, kind=int) -> None:
-    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-        raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
-
-
-def _check_fit_args(flow, steps, batch_size, lr, time_limit, ema) -> None:
-    if not isinstance(flow, Flow):
-        raise ValueError(f"fit: expected a flowpolicy.Flow, got {type(flow).__name__}")
-    _check_positive("steps", steps)
-    _check_positive("batch_size", batch_size)
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    if time_limit is not None and not time_limit > 0:
-        raise ValueError(f"time_limit must be positive, got {time_limit!r}")
-    if ema is not None and not 0 <= ema < 1:
-        raise ValueError(f"ema must be in [0, 1), got {ema!r}")
-
-
-@dataclass
-class _Source:
-    """Where the batches come from: ``draw(n)``, the held-out set and its exact ``log p``
-    (``None`` for data), the data to standardize the flow to and the target's entropy."""
-
-    draw: Callable[[int], Tensor]
-    held: Tensor
-    held_log_p: Tensor | None
-    moments: Tensor
-    entropy: float | None
-
-
-def _data_source(
-    data: Tensor, dim: int, generator: torch.Generator, holdout: float, dtype: torch.dtype
-) -> _Source:
-    """Random batches of the training rows of ``data``; a fraction ``holdout`` is held out."""
-    device = generator.device
-    data = data.to(device=device, dtype=dtype)
-    if data.dim() != 2 or data.shape[1] != dim or len(data) < 2:
-        raise ValueError(f"data must have shape (n >= 2, {dim}), got {tuple(data.shape)}")
-    if not torch.isfinite(data).all():
-        raise ValueError("data contains NaN or inf")
-    order = torch.randperm(len(data), generator=generator, device=device)
-    n_held = min(max(1, int(holdout * len(data))), len(data) - 1)
-    held, train = data[order[:n_held]], data[order[n_held:]]
-
-    def draw(n: int) -> Tensor:
-        return train[torch.randint(len(train), (n,), generator=generator, device=device)]
-
-    return _Source(draw, held, None, held, None)
-
-
-def _target_source(
-    target: Target | str,
-    dim: int,
-    generator: torch.Generator,
-    eval_generator: torch.Generator,
-    eval_samples: int,
-    dtype: torch.dtype,
-) -> _Source:
-    """Fresh samples of an analytic target each step, and a held-out set of its own."""
-    target = _targets.get(target) if isinstance(target, str) else target
-    if not isinstance(target, Target) or target.dim != dim:
-        raise ValueError(f"expected a {dim}-D Target, a target name or a data tensor")
-    device = generator.device
-
-    def draw(n: int) -> Tensor:
-        return target.sample(n, generator=generator, device=device, dtype=dtype)
-
-    held = target.sample(eval_samples, generator=eval_generator, device=device, dtype=dtype)
-    return _Source(draw, held, target.log_prob(held), draw(eval_samples), target.entropy())
-
-
-def _source(
-    target_or_data: Target | str | Tensor,
-    flow: Flow,
-    seed: int,
-    eval_samples: int,
-    holdout: float,
-) -> _Source:
-    """The batches of a data tensor or of a target, on the flow's device and in its dtype."""
-    device, dtype, dim = flow.theta.device, flow.theta.dtype, flow.config["dim"]
-    generator = torch.Generator(device).manual_seed(seed)
-    if isinstance(target_or_data, Tensor):
-        return _data_source(target_or_data, dim, generator, holdout, dtype)
-    eval_generator = torch.Generator(device).manual_seed(seed + 1_000_003)
-    return _target_source(target_or_data, dim, generator, eval_generator, eval_samples, dtype)
 
 
 def _train_step(
@@ -382,8 +308,13 @@ def fit(
     :param ema: decay :math:`\beta` of the weight average (``None`` or 0: no averaging).
     :param final_lr: learning rate at the end, as a fraction of ``lr``.
     :param warmup: fraction of the run over which the learning rate ramps up linearly.
-    :param standardize: first match the flow's output mean and std to the data's
-        (:func:`~flowpolicy.density.standardize_`; skipped for squashed flows).
+    :param standardize: train in standardized units, :math:`u = (x - \mu)/\sigma` per column
+        (the training rows' moments, in float64): the flow's output moments are first matched
+        to them (:func:`~flowpolicy.density.standardize_`), and at the end the data's scale is
+        folded back into the flow exactly, spread over the affine layers of a PReLU chain where
+        the last one alone would meet the floor of its diagonal (1e-4), so any units fit alike.
+        A scale the flow cannot represent (a spline chain on data of std below ~1e-3) raises
+        before training. ``False`` (and squashed flows): train in the data's own units.
     :param eval_every: score the held-out set every this many steps (default: 10 times a run,
         spaced by the clock when ``time_limit`` is given).
     :param eval_samples: size of the held-out set of an analytic target.
@@ -394,19 +325,42 @@ def fit(
         piecewise constant); it is estimated with a Gaussian kernel of this width, in units of
         the inputs' std (``flow(kink_bandwidth=...)``; 0: plain backpropagation). Without it
         the kinks drift out of the data.
-    :returns: a :class:`History`.
-    :raises ValueError: for non-positive steps or batch size, an unknown target, a data tensor
-        of the wrong shape, or an unusable device.
+    :returns: a :class:`History` (NLLs in the data's units).
+    :raises ValueError: before anything is changed, for any option out of its range (naming
+        it), an unknown target, an unusable device, or data that cannot be fitted: the wrong
+        shape, NaN or inf, a constant column, or fewer rows than ``holdout`` needs (2 held out
+        and 2 to train on: 20 rows at ``holdout=0.1``).
+    :raises TypeError: for a flow in half precision (call ``flow.float()``) or complex data.
+    :raises FloatingPointError: if training diverges (NaN or singular layers: lower ``lr``).
+
+    ``flow`` is trained on a copy and changes only when the fit succeeds: an error, a
+    divergence or a ``KeyboardInterrupt`` leaves it as it was (moved to ``device``).
     """
-    _check_fit_args(flow, steps, batch_size, lr, time_limit, ema)
+    check_fit_args(
+        flow,
+        steps,
+        batch_size,
+        lr,
+        time_limit,
+        ema,
+        final_lr=final_lr,
+        warmup=warmup,
+        holdout=holdout,
+        kink_bandwidth=kink_bandwidth,
+        eval_every=eval_every,
+        eval_samples=eval_samples,
+        seed=seed,
+    )
     device = resolve_device(device)
     flow = flow.to(device)
     seed = 0 if seed is None else seed
-    source = _source(target_or_data, flow, seed, eval_samples, holdout)
-    if standardize and not flow.config["squash"]:
-        standardize_(flow, source.moments, seed=seed)
-    optimizer = torch.optim.Adam([flow.theta], lr=lr)
-    weights = torch.nn.ParameterList([flow.theta])  # the average needs no copy of the buffers
+    scaled = bool(standardize) and not flow.config["squash"]
+    work = copy.deepcopy(flow)  # trained; the user's flow changes only when fit succeeds
+    source = make_source(target_or_data, work, seed, eval_samples, holdout, scaled)
+    if scaled:
+        _to_working_units_(work, source, seed)
+    optimizer = torch.optim.Adam([work.theta], lr=lr)
+    weights = torch.nn.ParameterList([work.theta])  # the average needs no copy of the buffers
     average = _polyak_average(weights, ema)
     averaged = None if average is None else average.module[0]
     history = History(entropy=source.entropy, device=str(device))
@@ -415,31 +369,77 @@ def fit(
 
     def checkpoint() -> None:  # the losses so far, and the held-out scores
         clock.pause()
-        history.loss.extend(torch.stack(losses).tolist() if losses else [])
+        _check_finite(work, averaged, clock.step, lr)
+        history.loss.extend((torch.stack(losses) + source.log_scale).tolist() if losses else [])
         losses.clear()
-        history.record(clock.step, _score(flow, source.held, source.held_log_p, averaged))
+        scores = _score(work, source.held, source.held_log_p, averaged, source.log_scale)
+        history.record(clock.step, scores)
         clock.resume()
 
-    while (done := clock.progress()) < 1:
-        history.lr.append(_learning_rate(done, lr, final_lr, warmup))
-        batch = source.draw(batch_size)
-        loss = _train_step(flow, optimizer, batch, history.lr[-1], kink_bandwidth)
-        if average is not None:
-            average.update_parameters(weights)
-        losses.append(loss)  # no .item() per step: it would sync a GPU every step
-        clock.step += 1
-        if bar is not None:
-            bar.update()
-        if clock.eval_due():
+    try:
+        while (done := clock.progress()) < 1:
+            history.lr.append(_learning_rate(done, lr, final_lr, warmup))
+            batch = source.draw(batch_size)
+            loss = _train_step(work, optimizer, batch, history.lr[-1], kink_bandwidth)
+            if average is not None:
+                average.update_parameters(weights)
+            losses.append(loss)  # no .item() per step: it would sync a GPU every step
+            clock.step += 1
+            if bar is not None:
+                bar.update()
+            if clock.eval_due():
+                checkpoint()
+                _show(bar, loss + source.log_scale, history)
+        if not history.eval_step or history.eval_step[-1] != clock.step:  # the clock ended it
             checkpoint()
-            _show(bar, loss, history)
-    if not history.eval_step or history.eval_step[-1] != clock.step:  # the clock ended the run
-        checkpoint()
-    if bar is not None:
-        bar.close()
-    if averaged is not None:
-        with torch.no_grad():
-            flow.theta.copy_(averaged)
+    except (RuntimeError, ValueError) as error:  # a diverged chain fails to build or invert
+        if torch.isfinite(work.theta).all() and not isinstance(error, torch.linalg.LinAlgError):
+            raise
+        raise FloatingPointError(
+            f"fit diverged at step {clock.step} (lr={lr:g}): the flow's layers became singular or "
+            "non-finite; the flow was left unchanged. Lower lr"
+        ) from error
+    finally:
+        if bar is not None:
+            bar.close()
+    _finish_(flow, work, averaged, source)
     history.train_seconds = clock.seconds
     history.steps_per_second = clock.step / max(clock.seconds, 1e-9)
     return history
+
+
+def _to_working_units_(work: Flow, source: Source, seed: int) -> None:
+    """Match the flow's output moments to the standardized data, and check before any training
+    that the data's scale can be folded back into it (:func:`scale_output_`)."""
+    standardize_(work, source.moments, seed=seed)
+    try:
+        scale_output_(copy.deepcopy(work), source.std, source.mean)
+    except ValueError as error:
+        raise ValueError(f"fit: {error}") from None
+
+
+def _check_finite(work: Flow, averaged: Tensor | None, step: int, lr: float) -> None:
+    """Raise if training diverged (the user's flow is still untouched then)."""
+    finite = torch.isfinite(work.theta).all()
+    if averaged is not None:
+        finite = finite & torch.isfinite(averaged).all()
+    if not finite:
+        raise FloatingPointError(
+            f"fit diverged: the parameters became NaN or inf by step {step} (lr={lr:g}); the "
+            "flow was left unchanged. Lower lr, or check the data's scale"
+        )
+
+
+@torch.no_grad()
+def _finish_(flow: Flow, work: Flow, averaged: Tensor | None, source: Source) -> None:
+    """Write the trained (averaged) parameters, back in the data's units, into ``flow``."""
+    if averaged is not None:
+        work.theta.copy_(averaged)
+    if source.std is not None:
+        try:
+            scale_output_(work, source.std, source.mean)
+        except ValueError as error:
+            raise ValueError(f"fit: the flow was left unchanged: {error}") from None
+    if not torch.isfinite(work.theta).all():
+        raise FloatingPointError("fit diverged: the flow was left unchanged; lower lr")
+    flow.theta.copy_(work.theta)

@@ -12,11 +12,13 @@ parametrization; layer ``2k`` of the chain is affine, layer ``2k + 1`` nonlinear
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from flowpolicy.flows import Flow
+from flowpolicy.parametrization import AffineParams
 
 __all__ = ["init_hinges_", "init_layers_", "init_splines_", "standardize_"]
 
@@ -29,8 +31,79 @@ def _rescale_affine_(flow: Flow, i: int, a: Tensor, c: Tensor) -> None:
     (still lower-triangular with a positive diagonal, the low-rank factor unchanged).
     """
     layer = flow.layer(i)
-    shift, scale_tril = a * layer.shift + c, a[:, None] * layer.scale_tril
+    a, c = a.double(), c.double()
+    shift = a * layer.shift.double() + c
+    scale_tril = a[:, None] * layer.scale_tril.double()
     flow.set_layer_(i, shift=shift, scale_tril=scale_tril, factor=layer.factor)
+
+
+def _affine_diagonals(flow: Flow) -> Tensor:
+    """The diagonals of ``L`` of every affine layer, ``(layers + 1, d)``, in float64."""
+    indices = range(0, 2 * flow.config["layers"] + 1, 2)
+    return torch.stack([flow.layer(i).scale_tril.diagonal().double() for i in indices])
+
+
+#: margin above the affine diagonal's floor (``AffineParams.eps``) that a rescaled layer keeps
+#: (half of the diagonal then lies in its softplus, which float32 resolves to ~1e-7)
+_FLOOR_MARGIN = 2.0
+
+
+@torch.no_grad()
+def scale_output_(flow: Flow, a: Tensor, c: Tensor) -> Flow:
+    r"""Compose the flow with :math:`y \mapsto a \odot y + c` (``a > 0``), in place, exactly.
+
+    The last affine layer takes it (:math:`L \to \mathrm{diag}(a) L`), unless its diagonal
+    would fall near the parametrization's floor (``AffineParams.eps`` = 1e-4, data of std
+    below ~1e-4). An affine + PReLU chain then spreads the common factor
+    :math:`s = \min_i a_i` over its :math:`m` affine layers: a PReLU is positively homogeneous,
+    so scaling every :math:`L_k` by :math:`r = s^{1/m}` and shift :math:`b_k` by :math:`r^k`
+    scales the output by :math:`s`; the last layer takes :math:`a / s`.
+
+    :raises ValueError: if the flow cannot represent the scale (a spline chain, or a factor
+        beyond :math:`(\text{floor})^{m}`): nothing is written then.
+    """
+    if flow.config["squash"]:
+        raise ValueError("a squashed flow's support is fixed to (-1, 1)^d: it cannot be rescaled")
+    theta = flow.theta
+    a = torch.as_tensor(a, dtype=torch.float64, device=theta.device).expand(flow.config["dim"])
+    c = torch.as_tensor(c, dtype=torch.float64, device=theta.device).expand(flow.config["dim"])
+    if not (torch.isfinite(a).all() and torch.isfinite(c).all() and (a > 0).all()):
+        raise ValueError("scale_output_: the scale must be positive and finite, the shift finite")
+    diagonals = _affine_diagonals(flow)
+    floor = _FLOOR_MARGIN * AffineParams.eps
+    if (a * diagonals[-1] > floor).all():
+        _rescale_affine_(flow, -1, a, c)
+        return flow
+    s, m = float(a.min()), len(diagonals)
+    r = s ** (1.0 / m)
+    homogeneous = flow.config["nonlinearity"] == "prelu" or m == 1
+    if (
+        not homogeneous
+        or not (r * diagonals > floor).all()
+        or not (a / s * r * diagonals[-1] > floor).all()
+    ):
+        raise ValueError(
+            f"the flow cannot represent outputs scaled by {s:.3g}: the diagonal of its affine "
+            f"layers is floored at {AffineParams.eps:g} ({flow.config['nonlinearity']} chain of "
+            f"{m} affine layers); rescale the data to unit scale first (fit x / k, and subtract "
+            "d log k from the log-densities)"
+        )
+    for k in range(m - 1):  # layer k + 1 of m: scale r, shift r^(k + 1)
+        layer = flow.layer(2 * k)
+        flow.set_layer_(
+            2 * k,
+            shift=r ** (k + 1) * layer.shift.double(),
+            scale_tril=r * layer.scale_tril.double(),
+            factor=layer.factor,
+        )
+    last = flow.layer(-1)  # a (L u + b) + c with u = u' / r^(m - 1): L -> (a / s) r L
+    flow.set_layer_(
+        -1,
+        shift=a * last.shift.double() + c,
+        scale_tril=(a / s * r)[:, None] * last.scale_tril.double(),
+        factor=last.factor,
+    )
+    return flow
 
 
 @torch.no_grad()
@@ -74,14 +147,21 @@ def standardize_(flow: Flow, data: Tensor, num_samples: int = 16384, seed: int =
     """
     if flow.config["squash"]:
         raise ValueError("standardize_: a squashed flow's support is fixed to (-1, 1)^d")
+    mean, std = column_moments("standardize_", check_data("standardize_", data, flow.config["dim"]))
     theta = flow.theta
     generator = torch.Generator(theta.device).manual_seed(seed)
     z = torch.randn(
         num_samples, flow.config["dim"], generator=generator, device=theta.device, dtype=theta.dtype
     )
-    x, _ = flow().push_forward(z)
-    a = data.std(0).to(theta) / x.std(0)
-    _rescale_affine_(flow, -1, a, data.mean(0).to(theta) - a * x.mean(0))
+    x = flow().push_forward(z)[0].double()
+    spread = x.std(0)
+    if not (torch.isfinite(x).all() and (spread > 0).all()):
+        raise ValueError("standardize_: the flow's samples are not finite, or have no spread")
+    a = std.to(spread) / spread
+    try:
+        scale_output_(flow, a, mean.to(spread) - a * x.mean(0))
+    except ValueError as error:
+        raise ValueError(f"standardize_: {error}") from None
     return flow
 
 
@@ -122,11 +202,65 @@ def _set_affine_(flow: Flow, k: int, shift: Tensor, L: Tensor, factor: Tensor) -
     flow.set_layer_(2 * k, shift=shift, scale_tril=L, factor=factor[:, :rank] if rank else None)
 
 
-def _standardized(data: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(y, mean, std)`` with ``y = (data - mean) / std``, in float64 on the CPU."""
-    data = data.detach().double().cpu()
-    mean, std = data.mean(0), data.std(0).clamp_min(1e-12)
+def check_data(name: str, data: Tensor, dim: int, min_rows: int = 2) -> Tensor:
+    """``data`` checked to be a finite real tensor of shape ``(n >= min_rows, dim)``; returned
+    detached, in float64, on its device (NumPy arrays are converted).
+
+    :raises TypeError: for a non-tensor or a complex tensor.
+    :raises ValueError: for a wrong shape, too few rows, or NaN/inf.
+    """
+    if isinstance(data, np.ndarray):
+        data = torch.from_numpy(data)
+    if not isinstance(data, Tensor) or data.is_complex():
+        kind = f"a {data.dtype} tensor" if isinstance(data, Tensor) else type(data).__name__
+        raise TypeError(f"{name}: data must be a real tensor of shape (n, {dim}), got {kind}")
+    if data.dim() != 2 or data.shape[1] != dim:
+        raise ValueError(f"{name}: data must have shape (n, {dim}), got {tuple(data.shape)}")
+    if len(data) < min_rows:
+        raise ValueError(
+            f"{name}: needs at least {min_rows} rows of data (to estimate a spread), got "
+            f"{len(data)}"
+        )
+    data = data.detach().double()
+    bad = ~torch.isfinite(data).all(1)
+    if bad.any():
+        raise ValueError(
+            f"{name}: data contains NaN or inf in {int(bad.sum())} of {len(data)} rows (the "
+            f"first is row {int(bad.nonzero()[0, 0])}); drop or impute them first"
+        )
+    return data
+
+
+def column_moments(name: str, data: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and std of each column of float64 ``data``.
+
+    :raises ValueError: naming a constant column (no spread, to float64 precision): its density
+        would be a point mass, and maximum likelihood diverges.
+    """
+    mean, std = data.mean(0), data.std(0)
+    constant = (std <= 64 * torch.finfo(torch.float64).eps * mean.abs()) | (std == 0)
+    if constant.any():
+        j = int(constant.nonzero()[0, 0])
+        raise ValueError(
+            f"{name}: column {j} of the data is constant (every row is {float(mean[j]):.6g}): "
+            "its density is a point mass, which no flow can fit; drop the column or add noise"
+        )
+    return mean, std
+
+
+def _standardized(name: str, data: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, mean, std)`` with ``y = (data - mean) / std``, in float64 on the CPU (checked)."""
+    data = check_data(name, data, dim).cpu()
+    mean, std = column_moments(name, data)
     return (data - mean) / std, mean, std
+
+
+def _to_data_units_(name: str, flow: Flow, std: Tensor, mean: Tensor) -> Flow:
+    """The flow, built on standardized data, composed with ``y -> std * y + mean``."""
+    try:
+        return scale_output_(flow, std, mean)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
 
 
 def _hinges(u: Tensor, kinks: Tensor, smooth: float) -> Tensor:
@@ -153,6 +287,11 @@ def _spread_quantiles(n: int, spread: float) -> Tensor:
     r""":math:`b_j = \text{spread}\cdot\Phi^{-1}((j - \frac12)/n)`, :math:`j = 1 \dots n`."""
     normal = torch.distributions.Normal(0.0, 1.0)
     return spread * normal.icdf((torch.arange(n, dtype=torch.float64) + 0.5) / n)
+
+
+#: the least conditional spread (in data stds) a pair initialization starts from: a few rows
+#: can be fitted exactly, and a zero spread is no density
+_MIN_RESIDUAL = 1e-3
 
 
 def _hinge_regression(
@@ -207,9 +346,10 @@ def init_hinges_(
     _check_pair_init(flow, "init_hinges_", "prelu", "init_splines_ for splines")
     d, layers = flow.config["dim"], flow.config["layers"]
     pairs = layers // 2
-    y, mean, std = _standardized(data)
+    y, mean, std = _standardized("init_hinges_", data, d)
     kinks = _spread_quantiles(pairs, spread)
     residual, t, s, coef = _hinge_regression(y, kinks, smooth=0.0, ridge=ridge)
+    residual = max(residual, _MIN_RESIDUAL)
     signs = torch.ones(pairs, dtype=torch.float64)
     signs[1::2] = -1  # alternate alpha < 1 and alpha > 1
     log_alpha = -slope * signs
@@ -235,18 +375,14 @@ def init_hinges_(
             shift[t] = coef[1] * kinks[0] if j == 1 else 0.0
             shift[s] = kinks[j - 1] - (kinks[j] if j < pairs else 0.0)
             L, factor = _shear(d, t, s, e)
-            if last:  # and back to the data's units
-                L, factor = _shear(d, t, s, e * float(std[t]), std)
-                shift = std * shift + mean
-        else:  # last, after an unpaired PReLU layer (slopes 1): back to the data's units
-            L, shift = torch.diag(std), mean.clone()
+        # else: last, after an unpaired PReLU layer (slopes 1): the identity
         _set_affine_(flow, k, shift, L, factor)
     for j in range(layers):
         alpha = torch.ones(d, dtype=torch.float64)
         if j < 2 * pairs:  # alpha on y_s in the pair's first layer, 1 / alpha in its second
             alpha[s] = (log_alpha[j // 2] * (1 if j % 2 == 0 else -1)).exp()
         flow.set_layer_(2 * j + 1, alpha=alpha)
-    return flow
+    return _to_data_units_("init_hinges_", flow, std, mean)
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,10 +452,11 @@ def init_splines_(
         raise ValueError(f"init_splines_: smooth must be positive, got {smooth}")
     d, layers = flow.config["dim"], flow.config["layers"]
     bins, bound = flow.config["bins"], flow.config["bound"]
-    y, mean, std = _standardized(data)
+    y, mean, std = _standardized("init_splines_", data, d)
     kinks = _spread_quantiles(knots, spread)
     residual, t, s, coef = _hinge_regression(y, kinks, smooth, ridge)
     pieces, coef, residual = _spline_pieces(y, t, s, kinks, smooth, coef, residual, layers // 2)
+    residual = max(residual, _MIN_RESIDUAL)
     rho = bound / reach  # u = rho z_s in the splines' interval
     grid = torch.linspace(-bound, bound, bins + 1, dtype=torch.float64)
     ones = torch.ones(bins - 1, dtype=torch.float64)
@@ -349,12 +486,10 @@ def init_splines_(
         linear = -shears[k // 2 - 1][2] if k >= 2 and k % 2 == 0 else 0.0
         if k == 0:  # z -> (residual z_t + c_0, rho z_s)
             L[t, t], L[s, s], shift[t] = residual, rho, coef[0]
-        elif k == layers:  # and c_1 y_s, back in the data's units
-            scale = std.clone()
-            scale[s] = std[s] / rho
-            e = (linear + float(coef[1]) / rho) * float(std[t])
-            L, factor = _shear(d, t, s, e, scale)
-            shift = mean.clone()
+        elif k == layers:  # and c_1 y_s (back in the data's units below)
+            scale = torch.ones(d, dtype=torch.float64)
+            scale[s] = 1 / rho
+            L, factor = _shear(d, t, s, linear + float(coef[1]) / rho, scale)
         elif k % 2 == 1:
             a, mu, _ = shears[k // 2]
             L, factor = _shear(d, t, s, a)
@@ -362,4 +497,4 @@ def init_splines_(
         else:
             L, factor = _shear(d, t, s, linear)
         _set_affine_(flow, k, shift, L, factor)
-    return flow
+    return _to_data_units_("init_splines_", flow, std, mean)
