@@ -90,22 +90,54 @@ class FlowDistribution(Distribution):
             return self.rsample(sample_shape)
 
     def log_prob(self, value: Tensor) -> Tensor:
-        self._check_value(value)
+        value, outside = self._check_value(value)
         log_det = 0.0
         for transform in reversed(self.transforms):
             value, ladj = inv_and_ladj(transform, value)
             log_det = log_det + ladj
-        return self._base_log_prob(value) - log_det
+        return self._outside_support(self._base_log_prob(value) - log_det, outside)
 
-    def _check_value(self, value: Tensor) -> None:
-        if self._validate_args:
-            d = self.event_shape[0]
-            if value.dim() < 1 or value.shape[-1] != d:
-                raise ValueError(
-                    f"log_prob: expected values of shape (..., {d}), got {tuple(value.shape)}"
+    def _squashed(self) -> bool:
+        return bool(self.transforms) and isinstance(self.transforms[-1], Tanh)
+
+    def _check_value(self, value: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The values to score, in the flow's dtype, and (squashed flows) where they lie outside
+        ``[-1, 1]^d``. The shape and dtype are always checked; with validation, NaN, inf and
+        values outside the support raise."""
+        d = self.event_shape[0]
+        value = torch.as_tensor(value)
+        if value.dim() < 1 or value.shape[-1] != d:
+            raise ValueError(
+                f"log_prob: expected values of shape (..., {d}), got {tuple(value.shape)}"
+            )
+        dtype = self._dtype_and_device()[0]
+        if value.dtype != dtype:
+            lossless = not value.is_floating_point() or (
+                not value.is_complex() and torch.finfo(value.dtype).bits < torch.finfo(dtype).bits
+            )
+            if not lossless:
+                raise TypeError(
+                    f"log_prob: the values are {value.dtype} but the flow is {dtype}: cast the "
+                    f"values (value.to({dtype})) or the flow (flow.to({value.dtype}))"
                 )
+            value = value.to(dtype)  # half, bfloat16 or integers: exact in the flow's dtype
+        squashed, checkable = self._squashed(), not value.is_meta
+        if self._validate_args and checkable:
             if not torch.isfinite(value).all():
                 raise ValueError("log_prob: the values contain NaN or inf")
+            if squashed and not (value.abs() <= 1).all():
+                raise ValueError(
+                    "log_prob: values outside the support [-1, 1]^d of a tanh-squashed flow "
+                    f"(largest |value| {value.abs().max().item():.4g}): scale the actions into "
+                    "[-1, 1] first (e.g. SB3's policy.scale_action); with validate_args=False "
+                    "they get log-density -inf"
+                )
+        return value, (value.abs() > 1).any(-1) if squashed and checkable else None
+
+    @staticmethod
+    def _outside_support(log_prob: Tensor, outside: Tensor | None) -> Tensor:
+        """``-inf`` where the value lies outside the support (tanh would clamp it onto +-1)."""
+        return log_prob if outside is None else log_prob.masked_fill(outside, -math.inf)
 
     def _base_rsample(self, sample_shape: Size) -> Tensor:
         return self.base.rsample(sample_shape)
@@ -149,6 +181,8 @@ class FlowDistribution(Distribution):
                 f"noise must have shape (K, {d}) with K >= 2, got {tuple(noise.shape)}"
             )
         num = noise.shape[0]
+        if batch.numel() == 0:  # an empty batch: nothing to choose from
+            return noise.new_empty(batch + (d,), dtype=dtype, device=device)
         z = noise.to(dtype=dtype, device=device).view((num,) + (1,) * len(batch) + (d,))
         x, log_prob = self.push_forward(z)  # (K, *batch, d), (K, *batch)
         x = x.expand((num,) + batch + (d,)).reshape(num, -1, d)
@@ -228,7 +262,7 @@ def squashed_gaussian(
     dtype = torch.get_default_dtype()
     mean, std = (v if torch.is_tensor(v) else torch.as_tensor(v, dtype=dtype) for v in (mean, std))
     mean, std = torch.broadcast_tensors(mean, std)
-    if validate_args or (validate_args is None and Distribution._validate_args):
+    if validate_args is not False and not std.is_meta:  # not torch's global default
         if not (std > 0).all():
             raise ValueError("squashed_gaussian: std must be positive")
     zero, one = torch.zeros_like(mean), torch.ones_like(mean)

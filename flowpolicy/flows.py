@@ -54,14 +54,20 @@ class _LayeredFlowDistribution(FlowDistribution):
         theta: Tensor,
         validate_args: bool | None,
         kink_bandwidth: float = 0.0,
+        output_bound: float | None = None,
     ) -> None:
         self.layout, self.theta, self.kink_bandwidth = layout, theta, kink_bandwidth
+        self.output_bound = output_bound
         self._built: tuple[list[Affine], list[Transform], Tensor] | None = None
         self._base: Distribution | None = None
         # built on first use, perhaps under no_grad (sample()): with the grad mode of creation
         self._grad_enabled = torch.is_grad_enabled()
         Distribution.__init__(self, theta.shape[:-1], (layout.dim,), validate_args=validate_args)
-        if self._validate_args and not torch.isfinite(theta).all():
+        # What must never pass (non-finite parameters, overflowing samples) is checked unless
+        # the caller says validate_args=False: not torch's global default, which torch.compile
+        # turns off for the whole process. Meta tensors have no values to check.
+        self._check_params = validate_args is not False and not theta.is_meta
+        if self._check_params and not torch.isfinite(theta).all():
             raise ValueError(
                 "the flow's parameters contain NaN or inf (from a non-finite context, or weights "
                 "that diverged in training)"
@@ -87,8 +93,21 @@ class _LayeredFlowDistribution(FlowDistribution):
     def _layers(self) -> tuple[list[Affine], list[Transform], Tensor]:
         if self._built is None:
             with torch.set_grad_enabled(self._grad_enabled):
-                self._built = self.layout.layers(self.theta, self.kink_bandwidth)
+                self._built = self.layout.layers(self.theta, self.kink_bandwidth, self.output_bound)
         return self._built
+
+    def _check_output(self, x: Tensor, log_prob: Tensor | None = None) -> None:
+        if not self._check_params:
+            return
+        finite = torch.isfinite(x).all()
+        if log_prob is not None:
+            finite = finite & torch.isfinite(log_prob).all()
+        if not finite:  # one sync
+            raise ValueError(
+                "the flow's samples overflowed to NaN or inf although its parameters are finite "
+                "(a context far outside the training range, e.g. unnormalized observations): "
+                "normalize the context, or bound the flow with ConditionalFlow(param_bound=10)"
+            )
 
     def push_forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         # the chain of bijectors, with the affine layers' log-dets summed once
@@ -99,13 +118,26 @@ class _LayeredFlowDistribution(FlowDistribution):
             x, ladj = g.call_and_ladj(x)
             log_prob = log_prob - ladj
             x = affine(x)
+        unsquashed = x  # checked before tanh, which would hide an infinite value
         if self.layout.squash:
             x, ladj = _TANH.call_and_ladj(x)
             log_prob = log_prob - ladj
+        self._check_output(unsquashed, log_prob)
         return x, log_prob
 
+    def rsample(self, sample_shape: Size | Sequence[int] = ()) -> Tensor:
+        affines, nonlinear, _ = self._layers()
+        x = affines[0](self._base_rsample(Size(sample_shape)))
+        for g, affine in zip(nonlinear, affines[1:]):
+            x = affine(g(x))
+        self._check_output(x)
+        return torch.tanh(x) if self.layout.squash else x
+
+    def _squashed(self) -> bool:
+        return self.layout.squash
+
     def log_prob(self, value: Tensor) -> Tensor:
-        self._check_value(value)
+        value, outside = self._check_value(value)
         affines, nonlinear, log_det = self._layers()
         if self.layout.squash:
             value, ladj = _TANH.inv_and_ladj(value)
@@ -113,7 +145,7 @@ class _LayeredFlowDistribution(FlowDistribution):
         for g, affine in zip(reversed(nonlinear), reversed(affines[1:])):
             value, ladj = g.inv_and_ladj(affine.inv(value))
             log_det = log_det + ladj
-        return self._base_log_prob(affines[0].inv(value)) - log_det
+        return self._outside_support(self._base_log_prob(affines[0].inv(value)) - log_det, outside)
 
     # the base is standard normal: drawn and scored without Normal's ops (a policy's step)
     def _base_rsample(self, sample_shape: Size) -> Tensor:
@@ -240,7 +272,16 @@ class ConditionalFlow(nn.Module):
     :param seed: seed of the flow's initial parameters (``None``: torch's global generator).
     :param param_bound: clamp the hypernetwork's raw output to ``[-param_bound, param_bound]``
         (log-slopes, shifts, scale entries, spline logits), as SB3 clamps a Gaussian's
-        ``log_std``: the flow then stays finite for any context. ``None``: no bound.
+        ``log_std``. ``None``: no clamp; a sample that overflows raises a ``ValueError`` (unless
+        ``validate_args=False``).
+    :param output_bound: also bound what compounds over the layers (a clamp of each parameter
+        does not: five affine layers of raw values 10 reach 1e20): where the chain could map base
+        samples ``|z| <= sqrt(d) + 3`` beyond ``output_bound``, its affine layers are scaled
+        down (:meth:`~flowpolicy.parametrization.FlowParams.output_scales`), so that samples and
+        log-densities stay finite and moderate for any finite context (1000: |log pi| below
+        about 2e3 for observations of 1e6). It costs a screen of every state's parameters on
+        each call (about 0.5 ms for a batch of 256), so it is off by default (``None``);
+        normalized contexts never need it.
 
     Example:
         >>> cflow = ConditionalFlow(dim=2, context_dim=5, layers=4, rank=1, hidden=(256, 256))
@@ -264,13 +305,24 @@ class ConditionalFlow(nn.Module):
         head_scale: float = 1e-2,
         seed: int | None = None,
         param_bound: float | None = None,
+        output_bound: float | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(context_dim, int) or context_dim < 1:
             raise ValueError(f"context_dim must be a positive integer, got {context_dim!r}")
-        if param_bound is not None and not param_bound > 0:
-            raise ValueError(f"param_bound must be positive or None, got {param_bound!r}")
+        if param_bound is not None and not (0 < param_bound < math.inf):
+            raise ValueError(
+                f"param_bound must be positive and finite or None, got {param_bound!r}"
+            )
+        hidden = tuple(hidden)
+        if not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
+            raise ValueError(f"hidden must be a sequence of positive integers, got {hidden!r}")
+        if output_bound is not None and not (0 < output_bound < math.inf):
+            raise ValueError(
+                f"output_bound must be positive and finite or None, got {output_bound!r}"
+            )
         self.context_dim, self.param_bound = context_dim, param_bound
+        self.output_bound = output_bound
         self.layout = FlowParams(dim, layers, rank, nonlinearity, squash, bins, bound)
         modules: list[nn.Module] = []
         width = context_dim
@@ -293,7 +345,9 @@ class ConditionalFlow(nn.Module):
         if self.param_bound is not None:
             theta = theta.clamp(-self.param_bound, self.param_bound)
         try:  # the distribution checks its parameters; only a failure looks at the context
-            return _LayeredFlowDistribution(self.layout, theta, validate_args)
+            return _LayeredFlowDistribution(
+                self.layout, theta, validate_args, output_bound=self.output_bound
+            )
         except ValueError:
             if not torch.isfinite(context).all():
                 raise ValueError("ConditionalFlow: the context contains NaN or inf") from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 
 import torch
 import torch.nn as nn
@@ -232,8 +233,17 @@ class FlowParams(nn.Module):
             raise ValueError(f"rank must be an integer in [0, dim = {dim}], got {rank!r}")
         if nonlinearity not in NONLINEARITIES:
             raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}, got {nonlinearity!r}")
-        if nonlinearity == "spline" and (bins < 2 or not bound > 0):
-            raise ValueError(f"spline needs bins >= 2 and bound > 0, got {bins} and {bound}")
+        if nonlinearity == "spline":
+            if isinstance(bins, bool) or not isinstance(bins, numbers.Integral) or bins < 2:
+                raise ValueError(f"spline bins must be an integer >= 2, got {bins!r}")
+            if isinstance(bound, bool) or not isinstance(bound, numbers.Real):
+                raise ValueError(f"spline bound must be a number, got {bound!r}")
+            if not (math.isfinite(bound) and bound > 0):
+                raise ValueError(
+                    f"spline bound must be positive and finite (the spline acts on [-bound, "
+                    f"bound]), got {bound!r}"
+                )
+        bins = int(bins) if nonlinearity == "spline" else bins
         self.dim, self.squash = dim, squash
         chain: list[nn.Module] = []
         for _ in range(layers):
@@ -288,16 +298,128 @@ class FlowParams(nn.Module):
             return affine, theta.new_empty(0, *theta.shape[:-1], self.dim)
         return affine, theta[..., size:].unfold(-1, period - size, period).movedim(-2, 0)
 
+    def output_scales(
+        self, theta: Tensor, output_bound: float, parts: tuple[Tensor | None, ...] | None = None
+    ) -> Tensor:
+        r"""Per affine layer, the factor :math:`c_k \in (0, 1]` that bounds what compounds.
+
+        A bound on each raw parameter does not bound the chain: scales, shears, low-rank updates
+        and slopes multiply over the layers (raw values of 10 take five 2-D affine layers to
+        1e20, and a tanh-squashed log-density to 1e10). Two steps, without gradient:
+
+        1. an upper bound :math:`m_k` on :math:`|x_k|` for base samples :math:`|z| \le \sqrt{d}
+           + 3` is propagated through the chain (affine: :math:`m \to \|S\|_2 m + |b|` with
+           :math:`\|S\|_2 \le \sqrt{\|S\|_1 \|S\|_\infty}`; PReLU: :math:`m
+           \max(1, \alpha_{max})`; spline: :math:`m + B\sqrt{d}`), and an inner affine layer
+           whose :math:`m_k` exceeds ``1e4 * output_bound`` is scaled down to it (no overflow);
+        2. where :math:`m_{K}` exceeds ``output_bound`` (the bound is loose, so this flags a
+           superset), the exact images of the probes :math:`0, \pm 3 e_i` are computed, and the
+           last affine layer is scaled by ``output_bound / max |image|`` where that is below 1,
+           and by ``1e3 * output_bound / m_K`` where that is smaller (the probes can miss the
+           direction a PReLU stretches most: the rigorous bound caps it).
+
+        A scaled layer is :math:`c_k (S_k x + b_k)`; elsewhere :math:`c_k = 1` exactly and the
+        flow is unchanged (trained policies have images far below the bound).
+
+        :return: ``log c``, shape ``(K + 1, ...)`` (zeros where nothing is scaled).
+        """
+        with torch.no_grad():
+            raw_affine, raw_nonlinear = self.layer_views(theta.detach())
+            if parts is None:
+                parts = self.chain[0].parts(raw_affine)
+            shift, diag, L, factor = (None if p is None else p.detach() for p in parts)
+            S = L if factor is None else L + (L @ factor) @ factor.mT
+            abs_s = S.abs()  # |S|_2 <= sqrt(|S|_1 |S|_inf), the largest column and row sums
+            log_norm = 0.5 * (abs_s.sum(-2).amax(-1) * abs_s.sum(-1).amax(-1)).log()
+            log_shift = 0.5 * (shift.square().sum(-1) + 1e-30).log()
+            nonlinear = self.chain[1] if len(self.chain) > 1 else None
+            log_spread = math.log(getattr(nonlinear, "bound", 0.0) * math.sqrt(self.dim) + 1e-30)
+            log_r = math.log(math.sqrt(self.dim) + 3)
+            # a screen in a few vectorized ops (a policy's step): the final bound m_K, and a
+            # bound on every m_k from the expanding factors alone; most states stop here
+            log_lip = torch.zeros_like(log_norm)
+            if isinstance(nonlinear, PReLUParams):
+                log_lip[:-1] = raw_nonlinear.amax(-1).clamp_min(0)
+            step = torch.cat([log_norm[1:] + log_lip[:-1], log_lip[-1:]])
+            suffix = step.flip(0).cumsum(0).flip(0)  # growth after affine layer k
+            terms = [(log_r + log_norm[0] + suffix[0])[None], log_shift + suffix]
+            if isinstance(nonlinear, SplineParams):
+                terms.append(log_spread + suffix[:-1])
+            final = torch.cat(terms)
+            # every m_k <= (R + sum |b| + K B sqrt(d)) times the product of the expanding factors
+            offset = torch.logaddexp(torch.logsumexp(log_shift, 0), torch.tensor(log_r))
+            offset = torch.logaddexp(offset, torch.tensor(log_spread + math.log(len(log_norm))))
+            inner = (log_norm + log_lip).clamp_min(0).sum(0) + offset
+            screened = (torch.logsumexp(final, 0) > math.log(output_bound)) | (
+                inner > math.log(1e4 * output_bound)
+            )
+            if theta.is_meta or not screened.any():
+                return torch.zeros_like(log_norm)
+            log_m = torch.full_like(log_norm[0], log_r)
+            log_c = torch.zeros_like(log_norm)
+            for k in range(len(log_norm)):
+                log_m = torch.logaddexp(log_norm[k] + log_m, log_shift[k])
+                if k == len(log_norm) - 1:
+                    break
+                log_c[k] = -(log_m - math.log(1e4 * output_bound)).clamp_min(0)
+                log_m = log_m + log_c[k]
+                if isinstance(nonlinear, PReLUParams):
+                    log_m = log_m + raw_nonlinear[k].amax(-1).clamp_min(0)
+                else:  # a spline maps [-B, B] into itself, the identity elsewhere
+                    log_m = torch.logaddexp(log_m, log_m.new_tensor(log_spread))
+            # the rigorous bound caps the last layer at 1e3 * output_bound (where the probes
+            # miss a direction that a PReLU's other orthant stretches), the probes at output_bound
+            capped = -(log_m - math.log(1e3 * output_bound)).clamp_min(0)
+            flagged = log_m > math.log(output_bound)
+            if flagged.any():
+                c = log_c.exp()[:, flagged]
+                affine = Affine(
+                    shift[:, flagged] * c[..., None],
+                    L[:, flagged] * c[..., None, None],
+                    None if factor is None else factor[:, flagged],
+                    validate=False,
+                    log_diag=diag[:, flagged].log(),
+                )
+                gs = _unbind_layers(nonlinear(raw_nonlinear[:, flagged])) if nonlinear else []
+                eye = 3 * torch.eye(self.dim, dtype=theta.dtype, device=theta.device)
+                x = torch.cat([eye, -eye, eye[:1] * 0])[:, None]  # (2d + 1, 1, d)
+                affines = _unbind_layers(affine)
+                x = affines[0](x)
+                for g, a in zip(gs, affines[1:]):
+                    x = a(g(x))
+                extent = x.norm(dim=-1).amax(0)
+                probed = -(extent.log() - math.log(output_bound)).clamp_min(0)
+                capped[flagged] = torch.minimum(capped[flagged], probed)
+            log_c[-1] = capped
+            return log_c
+
     def layers(
-        self, theta: Tensor, kink_bandwidth: float = 0.0
+        self, theta: Tensor, kink_bandwidth: float = 0.0, output_bound: float | None = None
     ) -> tuple[list[Affine], list[Transform], Tensor]:
         """The affine layers, the nonlinear layers and the sum of the affine layers' log-dets
-        (which do not depend on the input), for raw parameters ``theta (..., P)``."""
+        (which do not depend on the input), for raw parameters ``theta (..., P)``.
+
+        :param output_bound: scale the affine layers where the chain could exceed it (see
+            :meth:`output_scales`); ``None``: as the raw parameters say.
+        """
         # All affine layers share one layout, and so do all nonlinear layers: build each kind in
         # one call with a leading layer dimension and split it, instead of one call per layer
         # (on CPU the many tiny kernels of per-layer builds dominate a small policy's step).
         raw_affine, raw_nonlinear = self.layer_views(theta)
-        affine = self.chain[0](raw_affine.contiguous())
+        if output_bound is None:
+            affine = self.chain[0](raw_affine.contiguous())
+        else:
+            parts = self.chain[0].parts(raw_affine.contiguous())
+            log_c = self.output_scales(theta, output_bound, parts)
+            c = log_c.exp()
+            shift, diag, L, factor = parts
+            affine = Affine(
+                shift * c[..., None],
+                L * c[..., None, None],
+                factor,
+                validate=False,
+                log_diag=diag.log() + log_c[..., None],
+            )
         if theta.dim() == 1:  # one parameter set (a density model): all inverses in one call
             affine.dense_inverse()
         nonlinear: list[Transform] = []

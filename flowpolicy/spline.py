@@ -109,6 +109,11 @@ class Spline(Transform):
         # an inner dim, the same cat was the slowest op of the whole spline on CPU)
         self._table = torch.cat([knots[..., :-1], sizes, rows])  # (9, ..., K)
 
+    def _check_width(self, x: Tensor) -> None:
+        d = self.knots_x.shape[-2]
+        if x.dim() < 1 or x.shape[-1] != d:
+            raise ValueError(f"Spline: expected inputs of shape (..., {d}), got {tuple(x.shape)}")
+
     def _bin_params(self, v: Tensor, knots: Tensor) -> tuple[Tensor, ...]:
         """Gather, for each element of ``v``, its bin's knots, sizes and end derivatives."""
         # broadcast only when needed: torch.broadcast_shapes is slow Python, and every no-op
@@ -146,6 +151,7 @@ class Spline(Transform):
     def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
         # Outside [-B, B] the clamped input sits on an end knot, where xi is exactly 0 or 1 and
         # the derivative exactly 1 (log 0), so the tails need no masks: y = spline(xc) + (x - xc)
+        self._check_width(x)
         xc = x.clamp(-self.bound, self.bound)
         xc, x_k, w, y_k, h, d0, d1, s, c, log_s2 = self._bin_params(xc, self.knots_x)
         xi = ((xc - x_k) / w).clamp(0, 1)
@@ -157,6 +163,7 @@ class Spline(Transform):
         return y_in + (x - xc), ladj.sum(-1)
 
     def inv_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        self._check_width(y)
         inside = y.abs() < self.bound
         yc = y.clamp(-self.bound, self.bound)
         yc, x_k, w, y_k, h, d0, d1, s, c, log_s2 = self._bin_params(yc, self.knots_y)

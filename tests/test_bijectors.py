@@ -255,3 +255,33 @@ def test_prelu_kink_term_broadcasts_batched_slopes(g):
     grad_y, grad_a = torch.autograd.grad(ladj.sum(), (y, log_alpha))
     assert grad_y.shape == y.shape and grad_a.shape == log_alpha.shape
     torch.testing.assert_close(grad_a, (y < 0).to(DTYPE).sum(0))
+
+
+def test_wrong_width_inputs_raise_a_clear_error():
+    spline = Spline(torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(2, 3))
+    prelu = PReLU(torch.ones(2))
+    affine = Affine(torch.zeros(2), torch.eye(2))
+    for f in (spline, prelu, affine):
+        name = type(f).__name__
+        with pytest.raises(ValueError, match=rf"{name}: expected inputs of shape \(\.\.\., 2\)"):
+            call_and_ladj(f, torch.zeros(5, 3))
+        with pytest.raises(ValueError, match=rf"{name}: expected inputs of shape \(\.\.\., 2\)"):
+            inv_and_ladj(f, torch.zeros(5, 3))
+
+
+def test_one_parameter_set_inverse_runs_over_samples_along_the_last_axis():
+    """The density model's inverse, x^T = S^-1 y^T - S^-1 b (a transposed view), equals the
+    batched triangular solve in float64, values and gradients."""
+    torch.manual_seed(0)
+    L = torch.tril(torch.randn(3, 3, dtype=torch.float64), -1) + torch.eye(3, dtype=torch.float64)
+    shift = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    factor = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(50, 3, dtype=torch.float64)
+    one = Affine(shift, L, factor, validate=False).inv(y)
+    assert one.shape == (50, 3)
+    batched = Affine(shift[None], L[None], factor[None], validate=False).inv(y[:, None])[:, 0]
+    torch.testing.assert_close(one, batched, rtol=1e-13, atol=1e-13)
+    g1 = torch.autograd.grad(one.sin().sum(), (shift, factor))
+    g2 = torch.autograd.grad(batched.sin().sum(), (shift, factor))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

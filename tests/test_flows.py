@@ -497,3 +497,151 @@ def test_layered_chain_equals_the_generic_chain(nonlinearity, squash, conditiona
 
     for a, b in zip(values_and_grads(False), values_and_grads(True)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+# --- issue 15: what must never pass silently ----------------------------------------------------
+
+
+@pytest.mark.parametrize(("nonlinearity", "scale"), [("prelu", 1e8), ("spline", 1e8)])
+def test_unbounded_conditional_flow_refuses_overflowing_samples(nonlinearity, scale):
+    """Finite parameters can still overflow the chain: a clear error naming the fix, never
+    +-inf/NaN samples with a finite log-density."""
+    torch.manual_seed(0)  # the hypernetwork's weights
+    cflow = ConditionalFlow(2, 3, nonlinearity=nonlinearity, seed=0).float()
+    context = torch.full((2, 3), scale, dtype=torch.float32)
+    with pytest.raises(ValueError, match="overflowed.*param_bound"):
+        cflow(context).rsample_and_log_prob()
+    with pytest.raises(ValueError, match="overflowed"):
+        cflow(context).rsample()
+    squashed = ConditionalFlow(2, 3, nonlinearity=nonlinearity, squash=True, seed=0).float()
+    with pytest.raises(ValueError, match="overflowed"):  # tanh would hide the infinity
+        squashed(context).rsample()
+
+
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+def test_output_bound_bounds_what_compounds(nonlinearity):
+    """Raw parameters at the bound of 10 compound over the layers (log pi of 1e10 for SAC's
+    policy on observations of 1e6): with output_bound the flow keeps its output and log-density
+    moderate for any finite context, and leaves the normal range exactly as it was."""
+    cflow = ConditionalFlow(
+        2, 3, nonlinearity=nonlinearity, squash=True, param_bound=10, output_bound=1000, seed=0
+    )
+    for scale in (1e3, 1e6, 1e30):
+        context = scale * torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+        x, log_prob = cflow(context).rsample_and_log_prob((8,))
+        assert torch.isfinite(x).all() and torch.isfinite(log_prob).all()
+        assert log_prob.abs().max() < 1e4  # was 1e10 and more
+    # the normal range is untouched: every layer's factor is exactly 1
+    context = torch.randn(256, 3)
+    theta = cflow.hyper(context).clamp(-10, 10)
+    assert (cflow.layout.output_scales(theta, cflow.output_bound) == 0).all()
+    unbounded = ConditionalFlow(2, 3, nonlinearity=nonlinearity, squash=True, seed=0)
+    assert unbounded.output_bound is None  # off by default: the screen costs every call
+    unbounded.load_state_dict(cflow.state_dict())
+    torch.manual_seed(1)
+    a = cflow(context).rsample_and_log_prob()
+    torch.manual_seed(1)
+    b = unbounded(context).rsample_and_log_prob()
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_flow_arguments_are_validated():
+    for bound in (math.inf, math.nan, 0.0, -1.0):
+        with pytest.raises(ValueError, match="bound must be positive and finite"):
+            Flow(2, nonlinearity="spline", bound=bound)
+        with pytest.raises(ValueError, match="bound must be positive and finite"):
+            ConditionalFlow(2, 3, nonlinearity="spline", bound=bound)
+    with pytest.raises(ValueError, match="bins must be an integer"):
+        Flow(2, nonlinearity="spline", bins=2.5)
+    with pytest.raises(ValueError, match="hidden must be a sequence of positive integers"):
+        ConditionalFlow(2, 3, hidden=(-5,))
+    with pytest.raises(ValueError, match="param_bound"):
+        ConditionalFlow(2, 3, param_bound=math.inf)
+    with pytest.raises(ValueError, match="output_bound"):
+        ConditionalFlow(2, 3, output_bound=-1.0)
+    # wrong widths: a clear error with validation off too
+    flow = Flow(2, nonlinearity="spline", layers=2, seed=0)
+    for validate in (None, False):
+        with pytest.raises(ValueError, match=r"shape \(\.\.\., 2\)"):
+            flow(validate_args=validate).log_prob(torch.zeros(4, 3))
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_squashed_log_prob_refuses_values_outside_the_support(conditional):
+    """tanh's inverse clamps: log_prob([3, 0]) used to equal log_prob([1, 0])."""
+    if conditional:
+        module, args = ConditionalFlow(2, 3, squash=True, seed=0), (torch.zeros(1, 3),)
+    else:
+        module, args = Flow(2, squash=True, seed=0), ()
+    values = torch.tensor([[3.0, 0.0], [1.0, 0.0], [-1.0, 0.5], [0.2, -0.3]])
+    with pytest.raises(ValueError, match=r"outside the support \[-1, 1\]\^d"):
+        module(*args).log_prob(values)
+    log_prob = module(*args, validate_args=False).log_prob(values)
+    assert log_prob[0] == -math.inf
+    assert torch.isfinite(log_prob[1:]).all()  # exactly at +-1: finite
+    torch.testing.assert_close(module(*args).log_prob(values[1:]), log_prob[1:])
+    gaussian = flows.squashed_gaussian(torch.zeros(2), torch.ones(2))
+    with pytest.raises(ValueError, match="outside the support"):
+        gaussian.log_prob(values)
+    assert flows.squashed_gaussian(torch.zeros(2), torch.ones(2), False).log_prob(values)[0] == (
+        -math.inf
+    )
+
+
+def test_guards_hold_when_torch_compile_turns_validation_off():
+    """Dynamo calls Distribution.set_default_validate_args(False) for the whole process: what
+    must never pass is checked unless validate_args=False is explicit."""
+    from torch.distributions import Distribution
+
+    before = Distribution._validate_args
+    Distribution.set_default_validate_args(False)
+    try:
+        cflow = ConditionalFlow(2, 3, hidden=(), seed=0)
+        context = torch.zeros(3, 3)
+        context[1, 0] = math.nan
+        with pytest.raises(ValueError, match="context contains NaN or inf"):
+            cflow(context)
+        flow = Flow(2, layers=1)
+        with torch.no_grad():
+            flow.theta[0] = math.inf
+        with pytest.raises(ValueError, match="parameters contain NaN or inf"):
+            flow()
+        with pytest.raises(ValueError, match="overflowed"):
+            overflowing = ConditionalFlow(2, 3, seed=0).float()
+            overflowing(torch.full((2, 3), 1e8, dtype=torch.float32)).rsample()
+        with pytest.raises(ValueError, match="std"):
+            flows.squashed_gaussian(torch.zeros(2), torch.zeros(2))
+        # only an explicit False skips the checks (a hot path that checked its inputs)
+        assert torch.isnan(cflow(context, validate_args=False).rsample()[1]).all()
+    finally:
+        Distribution.set_default_validate_args(before)
+
+
+def test_empty_batches():
+    flow = Flow(2, layers=2, seed=0)
+    assert flow().log_prob(torch.zeros(0, 2)).shape == (0,)
+    x, log_prob = flow().rsample_and_log_prob((0,))
+    assert x.shape == (0, 2) and log_prob.shape == (0,)
+    for kwargs in ({}, dict(param_bound=10.0, squash=True), dict(nonlinearity="spline")):
+        dist = ConditionalFlow(2, 3, **kwargs)(torch.zeros(0, 3))
+        x, log_prob = dist.rsample_and_log_prob()
+        assert x.shape == (0, 2) and log_prob.shape == (0,)
+        assert dist.rsample().shape == (0, 2) and dist.log_prob(torch.zeros(0, 2)).shape == (0,)
+        assert dist.mode.shape == (0, 2)
+
+
+def test_half_precision_mixed_dtypes_and_meta():
+    flow = Flow(2, layers=2, nonlinearity="spline", seed=0).float()
+    value = torch.tensor([[0.5, -0.25], [1.0, 2.0]], dtype=torch.float32)
+    expected = flow().log_prob(value)
+    for dtype in (torch.float16, torch.bfloat16):  # exact in float32: cast
+        torch.testing.assert_close(flow().log_prob(value.to(dtype)), expected)
+    with pytest.raises(TypeError, match="float64 but the flow is torch.float32"):
+        flow().log_prob(value.double())
+    torch.testing.assert_close(flow.double()().log_prob(value.double()), expected.double())
+    # the meta device: shapes only, no value checks needed
+    cflow = ConditionalFlow(2, 3, squash=True, param_bound=10.0).to("meta")
+    dist = cflow(torch.zeros(4, 3, device="meta"))
+    x, log_prob = dist.rsample_and_log_prob()
+    assert x.shape == (4, 2) and log_prob.shape == (4,) and log_prob.is_meta
+    assert dist.log_prob(torch.zeros(4, 2, device="meta")).shape == (4,)
