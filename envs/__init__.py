@@ -1,8 +1,10 @@
 """Environments for flowpolicy, installed as the subpackage ``flowpolicy.envs``.
 
 Importing this module registers ``LakeCrossing-v0`` with Gymnasium (Gymnasium 1.x has no
-plugin loading, so registration happens on import). It imports neither matplotlib (the
-plotting helpers import it when they draw) nor Stable-Baselines3.
+plugin loading, so registration happens on import). In a process that has not imported
+flowpolicy, such as a ``SubprocVecEnv`` worker, the id ``"flowpolicy:LakeCrossing-v0"`` makes
+``gymnasium.make`` import it first. This module imports neither matplotlib (the plotting
+helpers import it when they draw) nor Stable-Baselines3.
 """
 
 from gymnasium.envs.registration import register, registry

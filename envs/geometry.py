@@ -80,12 +80,18 @@ def geodesic_distance(
     :param target: (x, y) end of the path.
     :param center: (x, y) centre of the disk.
     :param radius: radius of the disk, > 0.
-    :return: the geodesic distance, a Python float.
+    :return: the geodesic distance, a Python float (0 from a point to itself, the centre
+        included).
+    :raises ValueError: for a point, target or centre that is not a finite (x, y) pair, or a
+        radius that is not finite and > 0.
     """
-    cx, cy = float(center[0]), float(center[1])
-    qx, qy = float(target[0]) - cx, float(target[1]) - cy
-    r = float(radius)
-    px, py = _project_out(float(point[0]) - cx, float(point[1]) - cy, r, qx, qy)
+    (x, y), (tx, ty) = _pair(point, "point"), _pair(target, "target")
+    cx, cy = _pair(center, "center")
+    r = _positive("radius", radius)
+    if (x, y) == (tx, ty):
+        return 0.0
+    qx, qy = tx - cx, ty - cy
+    px, py = _project_out(x - cx, y - cy, r, qx, qy)
     qx, qy = _project_out(qx, qy, r, px, py)
     q2 = qx * qx + qy * qy
     q_tan = math.sqrt(max(q2 - r * r, 0.0))

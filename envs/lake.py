@@ -6,11 +6,16 @@ policy that averages the two routes walks straight into the water. This is the m
 example of Jang (2018), a tutorial on normalizing flows, made into a Gymnasium environment.
 
 Registered as ``LakeCrossing-v0`` when :mod:`flowpolicy.envs` (or :mod:`flowpolicy`) is imported.
+Where that import may not have run, as in ``SubprocVecEnv``'s workers (started by forkserver or
+spawn, without the parent's imports), use Gymnasium's module-qualified id, which imports the
+module first: ``gymnasium.make("flowpolicy:LakeCrossing-v0")``, or
+``make_vec_env("flowpolicy:LakeCrossing-v0", n_envs=8, vec_env_cls=SubprocVecEnv)``.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -157,6 +162,14 @@ class LakeCrossingEnv(gym.Env[np.ndarray, np.ndarray]):
       `lake_penalty = 25.0`: the reward weights above.
     - `render_size = 400`: side of the rendered frame in pixels.
 
+    The id `"flowpolicy:LakeCrossing-v0"` (Gymnasium's `module:id` form) imports flowpolicy
+    before making the environment: use it where `import flowpolicy` may not have run, such as
+    in `SubprocVecEnv`'s workers (forkserver or spawn start without the parent's imports):
+
+    ```python
+    make_vec_env("flowpolicy:LakeCrossing-v0", n_envs=8, vec_env_cls=SubprocVecEnv)
+    ```
+
     Public attributes: `geometry` (the layout), and from it `lake_center`, `lake_radius`,
     `start`, `home` (float64 arrays or floats), `home_radius`, `max_speed`, `start_noise`,
     `arena_half_size`; the reward weights; `position`, the current position. The task is
@@ -201,8 +214,9 @@ class LakeCrossingEnv(gym.Env[np.ndarray, np.ndarray]):
             "lake_penalty": lake_penalty,
         }
         for name, value in weights.items():
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be finite and >= 0, got {value}")
+            real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if not (real and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         self.geometry = LakeGeometry(
             lake_center=lake_center,
             lake_radius=lake_radius,

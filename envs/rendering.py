@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import numpy as np
@@ -26,9 +27,9 @@ class FrameRenderer:
 
     def __init__(self, geometry: LakeGeometry, size: int) -> None:
         self.geometry = geometry
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 16:
+            raise ValueError(f"render_size must be an integer >= 16 (pixels), got {size!r}")
         self.size = int(size)
-        if self.size < 16:
-            raise ValueError(f"render_size must be >= 16 pixels, got {size}")
         self._background: np.ndarray | None = None
         self._canvas: np.ndarray | None = None
         self._trail: list[tuple[float, float]] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypedDict
 
@@ -41,6 +42,13 @@ Episode = TypedDict(
         "label": str,
     },
 )
+
+
+def check_count(name: str, value: Any, minimum: int = 0) -> int:
+    """``value`` as an int if it is an integer (not a bool) ``>= minimum``, else ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def route_label(result: Mapping[str, Any]) -> str:
@@ -88,16 +96,18 @@ def rollout(
         or a Stable-Baselines3 model (anything with ``predict``), called as
         ``policy.predict(obs, deterministic=deterministic)``. A callable with a ``reset()``
         method (such as the expert, which draws its side there) is reset before each episode.
-    :param n_episodes: number of episodes.
+    :param n_episodes: number of episodes, an integer >= 0 (``ValueError`` otherwise).
     :param seed: seed of the first ``env.reset``.
     :param deterministic: passed to ``predict`` (SB3 models only).
-    :param max_steps: step limit per episode.
+    :param max_steps: step limit per episode, an integer >= 1.
     :param reset_options: ``options`` of every ``env.reset`` (e.g. ``{"start": (x, y)}``).
     :return: one :class:`Episode` dict per episode.
     """
+    n_episodes = check_count("n_episodes", n_episodes)
     if max_steps is None:
         spec = getattr(env, "spec", None)
         max_steps = spec.max_episode_steps if spec and spec.max_episode_steps else 1000
+    max_steps = check_count("max_steps", max_steps, minimum=1)
     if hasattr(policy, "predict"):
         model = policy
 

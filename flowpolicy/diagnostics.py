@@ -32,6 +32,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +57,23 @@ __all__ = [
 ]
 
 
+def _integer(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int if it is an integer (not a bool) ``>= minimum``, else ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _finite(name: str, value: Any, minimum: float = -math.inf) -> float:
+    """``value`` as a float if it is a finite number ``>= minimum``, else ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not (math.isfinite(value) and value >= minimum):
+        bound = "" if minimum == -math.inf else f" and >= {minimum}"
+        raise ValueError(f"{name} must be finite{bound}, got {value!r}")
+    return float(value)
+
+
 def _as_obs_tensor(policy: Any, obs: Any) -> Tensor:
     """Observations as a float tensor of shape ``(S, obs_dim)`` on the policy's device."""
     device = getattr(policy, "device", None)
@@ -68,6 +87,8 @@ def _as_obs_tensor(policy: Any, obs: Any) -> Tensor:
         raise ValueError(
             f"obs must have shape (obs_dim,) or (S, obs_dim), got {tuple(obs_t.shape)}"
         )
+    if not torch.isfinite(obs_t).all():  # whatever torch's global validation says
+        raise ValueError("the observations contain NaN or inf")
     return obs_t
 
 
@@ -117,8 +138,8 @@ def action_grid(
         ``points[i, j] = (x_j, y_i)`` (rows are y, as ``imshow`` expects with ``origin="lower"``).
         Midpoints never touch the boundary, where a squashed density is singular.
     """
-    if resolution < 2:
-        raise ValueError(f"resolution must be >= 2, got {resolution}")
+    resolution = _integer("resolution", resolution, 2)
+    low, high = _finite("low", low), _finite("high", high)
     if not high > low:
         raise ValueError(f"need high > low, got low={low}, high={high}")
     step = (high - low) / resolution
@@ -146,6 +167,8 @@ def density_grid(
     points, cell_area = action_grid(resolution)
     flat = points.reshape(-1, 1, 2)  # (P, 1, 2) broadcasts against batch_shape (S,)
     batch = dist.batch_shape.numel() if len(dist.batch_shape) else 1
+    if batch == 0:  # no states: nothing to evaluate
+        return torch.zeros(0, resolution, resolution, dtype=torch.float64), points, cell_area
     device = _dist_device(dist)
     out = []
     for part in flat.split(chunk):
@@ -184,8 +207,8 @@ def _weighted_points(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    num_samples = _integer("num_samples", num_samples, 1)
+    tolerance = _finite("tolerance", tolerance, 0.0)
     if method in ("grid", "auto"):
         log_prob, points, cell_area = density_grid(policy, obs, resolution)
         weights = (log_prob.exp() * cell_area).flatten(1)  # (S, R*R)
@@ -287,8 +310,9 @@ def side_mass(
     if d.shape[-1] != 2 or d.dim() > 2:
         raise ValueError(f"direction must have shape (2,) or (S, 2), got {tuple(d.shape)}")
     norm = d.norm(dim=-1, keepdim=True)
-    if not (norm > 0).all():
-        raise ValueError("direction must be non-zero")
+    if not (torch.isfinite(d).all() and (norm > 0).all()):
+        raise ValueError("direction must be finite and non-zero")
+    gap = _finite("gap", gap, 0.0)
     points, weights = _weighted_points(policy, obs, method, resolution, num_samples, tolerance)
     d = (d / norm).reshape(-1, 1, 2)  # (1 or S, 1, 2)
     n = torch.stack([-d[..., 1], d[..., 0]], -1)
@@ -315,7 +339,14 @@ def q_values(model: BaseAlgorithm, obs: Any, actions: Any) -> np.ndarray:
     """
     policy = model.policy
     obs_t = _as_obs_tensor(policy, obs)
-    act = np.asarray(actions, dtype=np.float32).reshape(len(obs_t), -1)
+    act = np.asarray(actions, dtype=np.float32)
+    action_dim = int(np.prod(policy.action_space.shape))
+    if act.size != len(obs_t) * action_dim or not np.isfinite(act).all():
+        raise ValueError(
+            f"actions must be finite, one of size {action_dim} per observation ({len(obs_t)}), "
+            f"got shape {act.shape}"
+        )
+    act = act.reshape(len(obs_t), action_dim)
     act_t = torch.as_tensor(policy.scale_action(act), device=obs_t.device)
     q = torch.cat(policy.critic(obs_t, act_t), dim=1)
     return q.min(dim=1).values.cpu().numpy()

@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -62,8 +63,11 @@ DEFAULT_FLOW_KWARGS: dict[str, Any] = dict(
     # their actions within 1e-3 of the bounds, over 8 seeds (a tanh-squashed N(0, 1), SB3's
     # start, puts 0.01% there); with 0.5, at most 3.4% and 7.4%.
     init_strength=0.5,
-    # bound on the raw flow parameters, as SB3 clamps a Gaussian's log_std: the flow stays
-    # finite even for observations of 1e6
+    # bound on the raw flow parameters, as SB3 clamps a Gaussian's log_std. It does not bound
+    # what compounds over the layers: for unnormalized observations (1e6) add output_bound=1000
+    # (|log pi| at most ~2e3 at initialization, the exact tanh term, instead of 1e10), or
+    # normalize observations (VecNormalize). A tighter chain bound (30) would rescale 10% of
+    # the states of a trained LakeCrossing policy.
     param_bound=10.0,
 )
 """The policy's flow settings; ``flow_kwargs`` entries replace them (ConditionalFlow's
@@ -113,6 +117,22 @@ def _check_spaces(
             f"FlowPolicy: a Box observation space needs at least one dimension, got shape "
             f"{observation_space.shape}; reshape observations to (1,)"
         )
+
+
+def _check_finite_observations(obs: PyTorchObs) -> None:
+    """Raise a ``ValueError`` if an observation holds NaN or inf (a dict: any of its entries).
+
+    Always on, whatever torch's global distribution validation says (any ``torch.compile`` in
+    the process turns it off), and it names the observations rather than the flow.
+    """
+    items = obs.items() if isinstance(obs, dict) else [(None, obs)]
+    for key, tensor in items:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            where = "" if key is None else f" (entry {key!r})"
+            raise ValueError(
+                f"FlowPolicy: the observations{where} contain NaN or inf, which would give NaN "
+                f"actions; check the environment (SB3's VecCheckNan wrapper finds the step)"
+            )
 
 
 class FlowActor(BasePolicy):
@@ -177,10 +197,13 @@ class FlowActor(BasePolicy):
                 f"flow_kwargs: {reserved} are set by the actor from the action space and the "
                 f"latent size; leave them out"
             )
-        if not isinstance(mode_samples, int) or mode_samples < 2:
+        if isinstance(mode_samples, bool) or not isinstance(mode_samples, int) or mode_samples < 2:
             raise ValueError(f"mode_samples must be an integer >= 2, got {mode_samples!r}")
-        if not (isinstance(mode_bandwidth, (int, float)) and mode_bandwidth > 0):
-            raise ValueError(f"mode_bandwidth must be a positive number, got {mode_bandwidth!r}")
+        real = isinstance(mode_bandwidth, (int, float)) and not isinstance(mode_bandwidth, bool)
+        if not (real and 0 < mode_bandwidth < math.inf):
+            raise ValueError(
+                f"mode_bandwidth must be a positive finite number, got {mode_bandwidth!r}"
+            )
         super().__init__(
             observation_space,
             action_space,
@@ -226,16 +249,26 @@ class FlowActor(BasePolicy):
         r"""The flow over squashed actions :math:`\pi(\cdot \mid s)`, batch shape ``(n,)``.
 
         :param obs: Observations (a batch, as SB3 passes them).
-        :param validate_args: Check that the flow's parameters are finite (a NaN observation
-            raises instead of giving NaN actions, as SB3's Gaussian does) and the values given to
-            ``log_prob`` (shape, finiteness). ``None``: torch's default (on).
+        :param validate_args: ``None`` or ``True``: the flow's parameters and samples are
+            checked for NaN and inf whatever torch's global default (a NaN observation raises
+            instead of giving NaN actions, as SB3's Gaussian does), and the values given to
+            ``log_prob`` (finiteness, support) as torch's default says (``True``: always).
+            ``False``: no checks.
         :return: The distribution; ``log_prob(actions)`` takes actions in ``(-1, 1)``.
         """
         features = self.extract_features(obs, self.features_extractor)
         return self.flow(self.latent_pi(features), validate_args)
 
     def forward(self, obs: PyTorchObs, deterministic: bool = False) -> Tensor:
+        """Actions in ``[-1, 1]`` for a batch of observations (``predict``'s path).
+
+        Raises a ``ValueError`` for NaN or infinite observations whatever torch's global
+        distribution validation says (``torch.compile`` turns that off for the whole process).
+        """
+        _check_finite_observations(obs)
         dist = self.action_distribution(obs)
+        if dist.batch_shape.numel() == 0:  # an empty batch: no actions (as SB3's Gaussian)
+            return self.mode_noise.new_zeros(dist.batch_shape + dist.event_shape)
         if deterministic:
             with torch.no_grad():
                 return dist.high_density_sample(self.mode_noise, self.mode_bandwidth)

@@ -98,6 +98,52 @@ def test_bad_inputs_raise_clear_errors():
         action_distribution(object(), np.zeros(2))
 
 
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda d: action_grid(2.5), "resolution must be an integer >= 2, got 2.5"),
+        (lambda d: action_grid(10, float("nan"), 1.0), "low must be finite"),
+        (lambda d: action_grid(10, -1.0, float("inf")), "high must be finite"),
+        (lambda d: density_grid(d, None, resolution=2.5), "resolution must be an integer"),
+        (lambda d: side_mass(d, None, method="sample", num_samples=2.5), "num_samples must be"),
+        (lambda d: side_mass(d, None, method="sample", num_samples=0), "num_samples must be"),
+        (lambda d: side_mass(d, None, tolerance=float("nan")), "tolerance must be finite"),
+        (lambda d: side_mass(d, None, gap=-0.1), "gap must be finite and >= 0"),
+        (lambda d: side_mass(d, None, gap=float("nan")), "gap must be finite"),
+        (lambda d: side_mass(d, None, direction=(float("nan"), 1.0)), "direction must be finite"),
+    ],
+)
+def test_bad_numbers_raise_clear_errors(call, match):
+    """Non-integer counts, NaN tolerances and negative gaps once gave torch errors or results."""
+    with pytest.raises(ValueError, match=match):
+        call(squashed_gaussian([0.0, 0.0], [1.0, 1.0]))
+
+
+def test_nan_observations_raise_even_without_torchs_default_validation(lake_models):
+    """torch.compile anywhere turns torch's distribution validation off for the process."""
+    default = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)
+    try:
+        for model in lake_models:
+            obs = np.array([[np.nan, 0.0], [0.0, -1.25]])
+            with pytest.raises(ValueError, match="observations contain NaN"):
+                side_mass(model, obs, method="sample", num_samples=10)
+            with pytest.raises(ValueError, match="observations contain NaN"):
+                q_values(model, obs, np.zeros((2, 2)))
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(default)
+
+
+def test_empty_batches_and_bad_actions_in_q_values(lake_models):
+    for model in lake_models:
+        assert q_values(model, np.zeros((0, 2)), np.zeros((0, 2))).shape == (0,)
+        assert side_mass(model, np.zeros((0, 2)), resolution=10)["total"].shape == (0,)
+        with pytest.raises(ValueError, match="actions must be finite, one of size 2"):
+            q_values(model, np.zeros((2, 2)), np.full((2, 2), np.nan))
+        with pytest.raises(ValueError, match="actions must be finite, one of size 2"):
+            q_values(model, np.zeros((2, 2)), np.zeros((3, 2)))
+
+
 @pytest.fixture(scope="module")
 def lake_models():
     kwargs = dict(learning_starts=50, batch_size=32, seed=0, verbose=0)

@@ -89,6 +89,33 @@ def test_registration_is_guarded_against_reimport():
     assert "LakeCrossing-v0" in gym.registry
 
 
+@pytest.mark.parametrize(
+    "env_id", ["flowpolicy:LakeCrossing-v0", "flowpolicy.envs:LakeCrossing-v0"]
+)
+def test_module_qualified_ids_make_the_env(env_id):
+    env = gym.make(env_id)
+    assert isinstance(env.unwrapped, LakeCrossingEnv) and env.spec.max_episode_steps == 60
+
+
+def test_subproc_vec_env_workers_find_the_env_by_its_module_qualified_id():
+    """SubprocVecEnv's workers (forkserver or spawn) start without the parent's imports: with
+    ``"flowpolicy:LakeCrossing-v0"`` each worker's ``gym.make`` imports flowpolicy itself."""
+    code = """
+import sys
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import SubprocVecEnv
+
+venv = make_vec_env("flowpolicy:LakeCrossing-v0", n_envs=2, vec_env_cls=SubprocVecEnv,
+                    seed=0)  # forkserver on Linux
+print(venv.reset().shape, "flowpolicy" in sys.modules)
+venv.close()
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "(2, 2) False"
+
+
 def test_public_attributes():
     env = LakeCrossingEnv()
     np.testing.assert_array_equal(env.lake_center, [0.0, 0.0])
@@ -234,6 +261,13 @@ def test_bad_options_and_constructor_arguments_raise():
         LakeCrossingEnv(max_speed=0.0)
     with pytest.raises(ValueError, match="render_mode"):
         LakeCrossingEnv(render_mode="ansi")
+    # numbers of the wrong kind: clear errors, not TypeErrors or silent truncation
+    with pytest.raises(ValueError, match="lake_penalty must be a finite number >= 0, got 'a'"):
+        LakeCrossingEnv(lake_penalty="a")
+    with pytest.raises(ValueError, match="step_cost must be a finite number"):
+        LakeCrossingEnv(step_cost=float("nan"))
+    with pytest.raises(ValueError, match="render_size must be an integer >= 16"):
+        LakeCrossingEnv(render_size=100.5)
 
 
 def test_exact_start_option():
@@ -462,6 +496,30 @@ def test_geodesic_known_values():
     )
 
 
+def test_geodesic_distance_from_a_point_to_itself_is_zero():
+    for p in [(0, 0), (0.5, -0.2), (1, 0), (2, 3)]:  # the centre once divided by zero
+        assert geodesic_distance(p, p) == 0.0
+        assert geodesic_distance(np.add(p, 5), np.add(p, 5), center=(5, 5), radius=2) == 0.0
+    assert LakeCrossingEnv().geometry.geodesic((0, 0), (0, 0)) == 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(point=(np.nan, 0)), "point must be finite"),
+        (dict(target=(2, 0, 1)), "target must be an"),
+        (dict(center=(np.inf, 0)), "center must be finite"),
+        (dict(radius=0.0), "radius must be finite and > 0"),
+        (dict(radius=-1.0), "radius"),
+        (dict(radius=np.nan), "radius"),
+    ],
+)
+def test_geodesic_distance_refuses_bad_arguments(kwargs, match):
+    arguments = dict(point=(3, 0), target=(-3, 0)) | kwargs
+    with pytest.raises(ValueError, match=match):
+        geodesic_distance(**arguments)
+
+
 def test_geodesic_matches_brute_force():
     rng = np.random.default_rng(0)
     checked = 0
@@ -588,6 +646,95 @@ def test_collect_demonstrations_one_side_and_kwargs():
     np.testing.assert_array_equal(demos.episode_returns, demos.episode_returns[0])
     with pytest.raises(ValueError, match="side"):
         LakeExpert(LakeCrossingEnv(), side="left")
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, match",
+    [
+        ((2.5, 0), {}, "n_episodes must be an integer >= 1, got 2.5"),
+        ((2.0, 0), {}, "n_episodes must be an integer"),
+        ((-1, 0), {}, "n_episodes must be an integer >= 1"),
+        ((0, 0), {}, "n_episodes"),
+        ((True, 0), {}, "n_episodes"),
+        ((2, 0.5), {}, "seed must be an integer >= 0"),
+        ((2, -1), {}, "seed must be an integer >= 0"),
+        ((2, 0), dict(margin=1e-9), "margin must be >= 2.25e-05"),
+        ((2, 0), dict(margin=0.0), "margin must be >="),
+        ((2, 0), dict(margin=-0.1), "margin must be >="),
+        ((2, 0), dict(margin=float("nan")), "margin must be >="),
+        ((2, 0), dict(margin="0.01"), "margin must be a number"),
+        ((2, 0), dict(margin=5.0), "margin too large"),
+        ((2, 0), dict(side="west"), "side must be 'cw', 'ccw' or None"),
+    ],
+)
+def test_collect_demonstrations_refuses_bad_arguments(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        collect_demonstrations(*args, **kwargs)
+
+
+def test_expert_margin_bound_is_where_it_stops_drowning():
+    """A step aimed at the look-ahead point lands short of it, inside the expert's circle by up
+    to scale (1 - scale) max_speed^2 / (2 R); the smallest accepted margin, twice that, is dry
+    from every start, and half of it drowns (1e-9 drowned every demonstration)."""
+    env = LakeCrossingEnv()
+    g = env.geometry
+    smallest = 0.999 * (1 - 0.999) * g.max_speed**2 / g.lake_radius
+    with pytest.raises(ValueError, match="margin must be >="):
+        LakeExpert(env, margin=smallest * 0.99)
+    angles = np.linspace(0, 2 * np.pi, 24, endpoint=False)
+    starts = [(1.01 * np.cos(a), 1.01 * np.sin(a)) for a in angles] + [(0.0, -1.25), (2.5, -2.5)]
+    for side in ("cw", "ccw"):
+        expert = LakeExpert(env, side, margin=smallest)
+        for start in starts:
+            (res,) = rollout(env, expert, 1, reset_options={"start": start})
+            assert res["success"], (side, start)
+    assert collect_demonstrations(4, seed=0, margin=smallest).episode_success.all()
+    # below the bound the expert's steps do land in the lake
+    expert = LakeExpert(env, "ccw")
+    expert._radius = g.lake_radius + smallest / 4  # what margin=smallest/4 would give
+    outcomes = [rollout(env, expert, 1, reset_options={"start": s})[0] for s in starts]
+    assert any(res["drowned"] for res in outcomes)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(side="left"), "side"),
+        (dict(side=1), "side"),
+        (dict(scale=float("nan")), "scale must lie in"),
+        (dict(scale=1.0), "scale must lie in"),
+        (dict(scale=True), "scale must be a number"),
+        (dict(margin=None), "margin must be a number"),
+    ],
+)
+def test_expert_refuses_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LakeExpert(LakeCrossingEnv(), **kwargs)
+
+
+def test_expert_refuses_what_is_not_a_lake_and_non_finite_observations():
+    with pytest.raises(ValueError, match="needs a LakeCrossing environment"):
+        LakeExpert(gym.make("Pendulum-v1"))
+    expert = LakeExpert(gym.make("LakeCrossing-v0"), "cw")
+    for obs in ([np.nan, 0.0], [0.0, np.inf]):
+        with pytest.raises(ValueError, match="position must be finite"):
+            expert(np.array(obs, dtype=np.float32))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(n_episodes=-1), "n_episodes must be an integer >= 0"),
+        (dict(n_episodes=1.5), "n_episodes"),
+        (dict(n_episodes=1, max_steps=0), "max_steps must be an integer >= 1"),
+        (dict(n_episodes=1, max_steps=2.5), "max_steps"),
+    ],
+)
+def test_rollout_refuses_bad_counts(kwargs, match):
+    env = LakeCrossingEnv()
+    with pytest.raises(ValueError, match=match):
+        rollout(env, LakeExpert(env), **kwargs)
+    assert rollout(env, LakeExpert(env), 0) == []
 
 
 # ----------------------------------------------------------------------------- rendering

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -18,6 +19,7 @@ from gymnasium import spaces
 from stable_baselines3 import SAC
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import KVWriter, Logger
+from stable_baselines3.common.torch_layers import CombinedExtractor
 from stable_baselines3.common.vec_env import VecNormalize
 from stable_baselines3.sac.policies import SACPolicy
 
@@ -86,6 +88,55 @@ def test_sac_learns_pendulum_and_logs_entropy():
     for deterministic in (False, True):
         action, _ = model.predict(obs, deterministic=deterministic)
         assert action.shape == (1, 1) and np.all(np.abs(action) <= 2.0)
+
+
+class ScaledObservations(gym.ObservationWrapper):
+    """Pendulum's observations times 1e6: unnormalized inputs, as a careless user feeds them."""
+
+    def __init__(self, env: gym.Env, scale: float = 1e6) -> None:
+        super().__init__(env)
+        self.scale = scale
+        shape = env.observation_space.shape
+        self.observation_space = spaces.Box(-np.inf, np.inf, shape, np.float32)
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        return (observation * self.scale).astype(np.float32)
+
+
+def test_sac_on_observations_of_1e6_keeps_log_prob_and_losses_moderate():
+    """Raw parameters bounded one by one still compounded over the layers: log pi reached 1e10
+    (2.3e7 here) before training and the critic loss 4e26 after 300 steps. With
+    flow_kwargs=dict(output_bound=1000) the chain is bounded before tanh; what remains at
+    initialization is the exact tanh term, -log(1 - tanh(x)^2) ~ 2|x| (SB3's Gaussian stays at
+    |log pi| <= 66 only because it adds 1e-6 inside that log). Training brings log pi back to
+    the Gaussian's range (|log pi| <= 33 here, critic loss ~2e7 from the critic's own inputs)."""
+    env = ScaledObservations(gym.make("Pendulum-v1"))
+    policy_kwargs = dict(flow_kwargs=dict(output_bound=1000.0))
+    model = SAC(
+        FlowPolicy, env, learning_starts=100, batch_size=64, seed=0, policy_kwargs=policy_kwargs
+    )
+    capture = Capture()
+    model.set_logger(Logger(folder=None, output_formats=[capture]))
+    rng = np.random.default_rng(0)
+    angle = rng.uniform(-np.pi, np.pi, 256)
+    raw = np.stack([np.cos(angle), np.sin(angle), rng.uniform(-8, 8, 256)], axis=1)
+    obs = torch.as_tensor(env.observation(raw))
+    with torch.no_grad():
+        _, log_prob = model.actor.action_log_prob(obs)
+    assert log_prob.isfinite().all() and log_prob.abs().max() <= 2.5e3
+
+    model.learn(400, log_interval=1)  # 300 gradient steps
+    records = [r for r in capture.records if "train/critic_loss" in r]
+    assert records and model._n_updates == 300
+    for record in records:
+        assert math.isfinite(record["train/actor_loss"]) and abs(record["train/actor_loss"]) < 1e7
+        assert math.isfinite(record["train/critic_loss"]) and record["train/critic_loss"] < 1e9
+    with torch.no_grad():
+        actions, log_prob = model.actor.action_log_prob(obs)
+        seen = torch.as_tensor(model.replay_buffer.observations[:400, 0])
+        _, seen_log_prob = model.actor.action_log_prob(seen)
+    assert actions.isfinite().all() and log_prob.abs().max() <= 100
+    assert seen_log_prob.abs().max() <= 100
 
 
 @pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
@@ -260,6 +311,52 @@ def test_nan_observation_raises_like_sb3s_gaussian():
             call(obs)
 
 
+def test_nan_observation_raises_even_without_torchs_default_validation():
+    """Any torch.compile in the process calls Distribution.set_default_validate_args(False);
+    predict must still refuse NaN observations, not return NaN actions."""
+    model = SAC(FlowPolicy, "Pendulum-v1", seed=0)
+    default = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)
+    try:
+        for deterministic in (False, True):
+            for obs in (np.full(3, np.nan, np.float32), np.array([[0, np.inf, 0]], np.float32)):
+                with pytest.raises(ValueError, match="observations contain NaN"):
+                    model.predict(obs, deterministic=deterministic)
+        with pytest.raises(ValueError, match="observations contain NaN"):
+            model.actor(torch.full((2, 3), float("nan")))
+        # Dict observations: the entry is named
+        observation_space = spaces.Dict({"pos": OBS_SPACE, "id": spaces.Discrete(3)})
+        policy = FlowPolicy(
+            observation_space,
+            ACTION_SPACE_2D,
+            constant_lr,
+            features_extractor_class=CombinedExtractor,
+        )
+        obs = {"pos": np.array([0.0, np.nan, 0.0], np.float32), "id": 1}
+        with pytest.raises(ValueError, match=r"observations \(entry 'pos'\) contain NaN"):
+            policy.predict(obs)
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(default)
+    assert model.predict(np.zeros(3, np.float32))[0].shape == (1,)
+
+
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_predict_of_an_empty_batch_gives_no_actions(nonlinearity, deterministic):
+    """Zero observations give zero actions, as with SB3's Gaussian, without errors or warnings."""
+    policy = make_policy(nonlinearity)
+    gaussian = SACPolicy(OBS_SPACE, ACTION_SPACE_2D, constant_lr)
+    obs = np.zeros((0, 3), np.float32)
+    expected, _ = gaussian.predict(obs, deterministic=deterministic)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        actions, state = policy.predict(obs, deterministic=deterministic)
+        assert actions.shape == expected.shape == (0, 2) and state is None
+        assert policy.actor(torch.zeros(0, 3), deterministic).shape == (0, 2)
+        actions, log_prob = policy.actor.action_log_prob(torch.zeros(0, 3))
+        assert actions.shape == (0, 2) and log_prob.shape == (0,)
+
+
 # --- the deterministic action -------------------------------------------------------------
 
 
@@ -379,6 +476,10 @@ def test_refuses_observation_spaces_the_mlp_cannot_take(observation_space):
         dict(mode_bandwidth=0.0),
         dict(flow_kwargs=dict(squash=False)),  # set by the actor
         dict(flow_kwargs=dict(param_bound=-1.0)),
+        dict(mode_bandwidth=math.inf),
+        dict(mode_bandwidth=math.nan),
+        dict(mode_samples=True),
+        dict(mode_samples=8.0),
     ],
 )
 def test_refuses_bad_flow_settings(kwargs):
