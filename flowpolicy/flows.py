@@ -29,7 +29,6 @@ from torch.distributions import Distribution, Independent, Normal, Transform
 from flowpolicy.bijectors import Affine, Tanh
 from flowpolicy.distribution import (
     FlowDistribution,
-    _select_mode,  # noqa: F401 (its test imports it from here)
     quasi_normal,
     squashed_gaussian,
 )

@@ -24,7 +24,7 @@ from stable_baselines3.common.vec_env import VecNormalize
 from stable_baselines3.sac.policies import SACPolicy
 
 import flowpolicy
-from flowpolicy.flows import _select_mode
+from flowpolicy.distribution import _select_mode
 from flowpolicy.sb3 import DEFAULT_FLOW_KWARGS, EntropyCallback, FlowActor, FlowPolicy
 
 torch.set_num_threads(1)
