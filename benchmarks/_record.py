@@ -7,6 +7,7 @@ shows every benchmark's current result once (earlier runs are in its git history
 from __future__ import annotations
 
 import datetime
+import fcntl
 import os
 import platform
 import re
@@ -39,12 +40,15 @@ def record(title: str, table: str, threads: int | None = None) -> None:
         f"## {title}\n\n- date: {date}\n- command: `{command}`\n- machine: {machine(threads)}\n\n"
         f"{table.strip()}\n"
     )
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    # a section runs from its heading to the next "## " heading or the end of the file
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + section
-    BENCHMARKS.write_text(text)
+    # benchmarks running side by side record one at a time (read, replace, write)
+    with open(BENCHMARKS.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
+        # a section runs from its heading to the next "## " heading or the end of the file
+        pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.M | re.S)
+        if pattern.search(text):
+            text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
+        else:
+            text = text.rstrip() + "\n\n" + section
+        BENCHMARKS.write_text(text)
     print(f"recorded in {BENCHMARKS} under '{title}'")

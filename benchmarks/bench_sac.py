@@ -53,7 +53,7 @@ TIMING_TITLE = "SAC: time per gradient step (bench_sac.py --timing-only)"
 RETURNS_TITLE = "SAC: returns, flow vs Gaussian (bench_sac.py)"
 
 # timing rows: (policy, how its actor runs)
-TIMED = [("gaussian", ""), ("prelu", ""), ("spline", "")]
+TIMED = [("gaussian", ""), ("prelu", ""), ("prelu", "output_bound=None"), ("spline", "")]
 COMPILED = [("gaussian", ""), ("prelu", "torch.compile"), ("spline", "torch.compile")]
 TARGETS = {"prelu": "<= 1.15x", "spline": "<= 1.5x"}
 
@@ -92,7 +92,9 @@ class FiniteCheck(KVWriter):
                 self.finite &= math.isfinite(value)
 
 
-def make_model(policy: str, env_id: str, seed: int, settings: dict[str, Any]) -> SAC:
+def make_model(
+    policy: str, env_id: str, seed: int, settings: dict[str, Any], **flow_kwargs: Any
+) -> SAC:
     """SAC with identical settings for every policy; only the actor's distribution differs."""
     policy_kwargs: dict[str, Any] = {}
     if settings["net_arch"] is not None:
@@ -101,7 +103,7 @@ def make_model(policy: str, env_id: str, seed: int, settings: dict[str, Any]) ->
         policy_class: Any = "MlpPolicy"
     else:
         policy_class = flowpolicy.FlowPolicy
-        policy_kwargs.update(flow_kwargs=dict(nonlinearity=policy, layers=4, rank=1))
+        policy_kwargs.update(flow_kwargs=dict(nonlinearity=policy, layers=4, rank=1, **flow_kwargs))
     return SAC(
         policy_class,
         env_id,
@@ -113,9 +115,11 @@ def make_model(policy: str, env_id: str, seed: int, settings: dict[str, Any]) ->
 
 
 def timed_model(policy: str, variant: str, settings: dict[str, Any]) -> SAC:
-    """A model whose actor runs as ``variant`` says: ``""`` (the default) or ``"torch.compile"``
-    (the chain of bijectors compiled, see :func:`compile_chain`)."""
-    model = make_model(policy, "Pendulum-v1", 0, settings)
+    """A model whose actor runs as ``variant`` says: ``""`` (the default), ``"torch.compile"``
+    (the chain of bijectors compiled, see :func:`compile_chain`) or ``"output_bound=None"``
+    (without the default bound on what compounds over the layers: what that bound costs)."""
+    extra = dict(output_bound=None) if variant == "output_bound=None" else {}
+    model = make_model(policy, "Pendulum-v1", 0, settings, **extra)
     if variant == "torch.compile":
         compile_chain(model.actor.flow.layout)
     return model

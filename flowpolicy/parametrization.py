@@ -14,6 +14,7 @@ import copy
 import math
 import numbers
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -259,6 +260,22 @@ class FlowParams(nn.Module):
         self.offsets = [0]
         for size in self.sizes:
             self.offsets.append(self.offsets[-1] + size)
+        # raw entries whose largest signed value bounds the map (a diagonal, a log-slope); the
+        # others (shifts, shears, factors) count by their absolute values
+        signed = torch.zeros(self.num_params, dtype=torch.bool)
+        index: dict[str, list[np.ndarray]] = dict(shift=[], diag=[], lower=[], factor=[], slope=[])
+        for offset, layer in zip(self.offsets, chain):
+            if isinstance(layer, AffineParams):
+                signed[offset + dim : offset + 2 * dim] = True
+                ends = np.cumsum((0, dim, dim, layer.sizes[1] - dim, layer.sizes[2])) + offset
+                for name, a, b in zip(("shift", "diag", "lower", "factor"), ends, ends[1:]):
+                    index[name].append(np.arange(a, b))
+            elif isinstance(layer, PReLUParams):
+                signed[offset : offset + dim] = True
+                index["slope"].append(np.arange(offset, offset + dim))
+        self.register_buffer("signed", signed, persistent=False)
+        # where each affine part (and each PReLU's log-slopes) lies in the raw vector, per layer
+        self.affine_index = {name: np.array(rows, dtype=np.int64) for name, rows in index.items()}
         self.register_buffer("zero", torch.zeros(dim), persistent=False)
         self.register_buffer("one", torch.ones(dim), persistent=False)
 
@@ -324,37 +341,17 @@ class FlowParams(nn.Module):
         :return: ``log c``, shape ``(K + 1, ...)`` (zeros where nothing is scaled).
         """
         with torch.no_grad():
-            raw_affine, raw_nonlinear = self.layer_views(theta.detach())
+            theta = theta.detach()
+            raw_affine, raw_nonlinear = self.layer_views(theta)
             if parts is None:
                 parts = self.chain[0].parts(raw_affine)
+            screened, log_norm, log_shift = self._screen(parts, raw_nonlinear, output_bound)
+            if theta.is_meta or not screened.any():
+                return torch.zeros_like(log_norm)
             shift, diag, L, factor = (None if p is None else p.detach() for p in parts)
-            S = L if factor is None else L + (L @ factor) @ factor.mT
-            abs_s = S.abs()  # |S|_2 <= sqrt(|S|_1 |S|_inf), the largest column and row sums
-            log_norm = 0.5 * (abs_s.sum(-2).amax(-1) * abs_s.sum(-1).amax(-1)).log()
-            log_shift = 0.5 * (shift.square().sum(-1) + 1e-30).log()
             nonlinear = self.chain[1] if len(self.chain) > 1 else None
             log_spread = math.log(getattr(nonlinear, "bound", 0.0) * math.sqrt(self.dim) + 1e-30)
             log_r = math.log(math.sqrt(self.dim) + 3)
-            # a screen in a few vectorized ops (a policy's step): the final bound m_K, and a
-            # bound on every m_k from the expanding factors alone; most states stop here
-            log_lip = torch.zeros_like(log_norm)
-            if isinstance(nonlinear, PReLUParams):
-                log_lip[:-1] = raw_nonlinear.amax(-1).clamp_min(0)
-            step = torch.cat([log_norm[1:] + log_lip[:-1], log_lip[-1:]])
-            suffix = step.flip(0).cumsum(0).flip(0)  # growth after affine layer k
-            terms = [(log_r + log_norm[0] + suffix[0])[None], log_shift + suffix]
-            if isinstance(nonlinear, SplineParams):
-                terms.append(log_spread + suffix[:-1])
-            final = torch.cat(terms)
-            # every m_k <= (R + sum |b| + K B sqrt(d)) times the product of the expanding factors
-            offset = torch.logaddexp(torch.logsumexp(log_shift, 0), torch.tensor(log_r))
-            offset = torch.logaddexp(offset, torch.tensor(log_spread + math.log(len(log_norm))))
-            inner = (log_norm + log_lip).clamp_min(0).sum(0) + offset
-            screened = (torch.logsumexp(final, 0) > math.log(output_bound)) | (
-                inner > math.log(1e4 * output_bound)
-            )
-            if theta.is_meta or not screened.any():
-                return torch.zeros_like(log_norm)
             log_m = torch.full_like(log_norm[0], log_r)
             log_c = torch.zeros_like(log_norm)
             for k in range(len(log_norm)):
@@ -393,6 +390,75 @@ class FlowParams(nn.Module):
             log_c[-1] = capped
             return log_c
 
+    def within(self, theta: Tensor, output_bound: float) -> bool:
+        """Whether :meth:`output_scales` leaves every state of ``theta (..., P)`` unchanged, by a
+        sufficient test that costs one reduction over the states: base samples ``|z| <= sqrt(d)
+        + 3`` stay below ``1e4 * output_bound`` at every layer and below ``output_bound`` at the
+        end for the entrywise worst raw vector of the batch (a diagonal and a log-slope by their
+        largest value, every other entry by its largest magnitude), since every bound of the
+        chain grows with these. The one vector is screened in numpy: torch's per-op overhead
+        would dominate."""
+        if theta.is_meta:
+            return False
+        with torch.no_grad():
+            low, high = torch.aminmax(theta.detach().reshape(-1, theta.shape[-1]), dim=0)
+            worst = torch.where(self.signed, high, torch.maximum(high, -low))
+        w = worst.cpu().double().numpy()
+        affine = self.chain[0]
+        d, index = self.dim, self.affine_index
+        L = np.zeros(index["diag"].shape + (d,))
+        L[:, range(d), range(d)] = np.logaddexp(0.0, w[index["diag"]] + affine.diag_offset)
+        L[:, range(d), range(d)] += affine.eps  # AffineParams.parts' diagonal, entries >= 0
+        L[:, affine.rows.tolist(), affine.cols.tolist()] = w[index["lower"]]
+        factor = w[index["factor"]].reshape(len(L), d, -1)
+        S = L + L @ factor @ factor.swapaxes(-1, -2)  # >= |S| entrywise for every state
+        norm = np.sqrt(S.sum(-2).max(-1) * S.sum(-1).max(-1))
+        shift = np.sqrt(np.square(w[index["shift"]]).sum(-1))
+        nonlinear = self.chain[1] if len(self.chain) > 1 else None
+        if isinstance(nonlinear, PReLUParams):
+            growth, spread = np.exp(w[index["slope"]].max(-1).clip(min=0)), 0.0
+        else:  # a spline maps [-B, B] into itself and is the identity elsewhere
+            growth, spread = np.ones(len(norm) - 1), getattr(nonlinear, "bound", 0.0)
+        m = math.sqrt(self.dim) + 3
+        for k in range(len(norm) - 1):
+            m = (norm[k] * m + shift[k]) * growth[k] + spread * math.sqrt(self.dim)
+            if not m <= 1e4 * output_bound:
+                return False
+        return bool(norm[-1] * m + shift[-1] <= output_bound)
+
+    def _screen(
+        self, parts: tuple[Tensor | None, ...], raw_nonlinear: Tensor, output_bound: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Which states :meth:`output_scales` must look at, from upper bounds on the chain
+        (``True`` may be a false alarm, ``False`` is certain), with each affine layer's
+        ``log ||S||_2`` bound and ``log |b|``."""
+        shift, _, L, factor = (None if p is None else p.detach() for p in parts)
+        S = L if factor is None else L + (L @ factor) @ factor.mT
+        abs_s = S.abs()  # |S|_2 <= sqrt(|S|_1 |S|_inf), the largest column and row sums
+        log_norm = 0.5 * (abs_s.sum(-2).amax(-1) * abs_s.sum(-1).amax(-1)).log()
+        log_shift = 0.5 * (shift.square().sum(-1) + 1e-30).log()
+        nonlinear = self.chain[1] if len(self.chain) > 1 else None
+        log_spread = math.log(getattr(nonlinear, "bound", 0.0) * math.sqrt(self.dim) + 1e-30)
+        log_r = math.log(math.sqrt(self.dim) + 3)
+        # the final bound m_K, and a bound on every m_k from the expanding factors alone
+        log_lip = torch.zeros_like(log_norm)
+        if isinstance(nonlinear, PReLUParams):
+            log_lip[:-1] = raw_nonlinear.amax(-1).clamp_min(0)
+        step = torch.cat([log_norm[1:] + log_lip[:-1], log_lip[-1:]])
+        suffix = step.flip(0).cumsum(0).flip(0)  # growth after affine layer k
+        terms = [(log_r + log_norm[0] + suffix[0])[None], log_shift + suffix]
+        if isinstance(nonlinear, SplineParams):
+            terms.append(log_spread + suffix[:-1])
+        final = torch.cat(terms)
+        # every m_k <= (R + sum |b| + K B sqrt(d)) times the product of the expanding factors
+        offset = torch.logaddexp(torch.logsumexp(log_shift, 0), torch.tensor(log_r))
+        offset = torch.logaddexp(offset, torch.tensor(log_spread + math.log(len(log_norm))))
+        inner = (log_norm + log_lip).clamp_min(0).sum(0) + offset
+        screened = (torch.logsumexp(final, 0) > math.log(output_bound)) | (
+            inner > math.log(1e4 * output_bound)
+        )
+        return screened, log_norm, log_shift
+
     def layers(
         self, theta: Tensor, kink_bandwidth: float = 0.0, output_bound: float | None = None
     ) -> tuple[list[Affine], list[Transform], Tensor]:
@@ -406,7 +472,7 @@ class FlowParams(nn.Module):
         # one call with a leading layer dimension and split it, instead of one call per layer
         # (on CPU the many tiny kernels of per-layer builds dominate a small policy's step).
         raw_affine, raw_nonlinear = self.layer_views(theta)
-        if output_bound is None:
+        if output_bound is None or theta.numel() == 0 or self.within(theta, output_bound):
             affine = self.chain[0](raw_affine.contiguous())
         else:
             parts = self.chain[0].parts(raw_affine.contiguous())

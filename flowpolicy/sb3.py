@@ -63,12 +63,12 @@ DEFAULT_FLOW_KWARGS: dict[str, Any] = dict(
     # their actions within 1e-3 of the bounds, over 8 seeds (a tanh-squashed N(0, 1), SB3's
     # start, puts 0.01% there); with 0.5, at most 3.4% and 7.4%.
     init_strength=0.5,
-    # bound on the raw flow parameters, as SB3 clamps a Gaussian's log_std. It does not bound
-    # what compounds over the layers: for unnormalized observations (1e6) add output_bound=1000
-    # (|log pi| at most ~2e3 at initialization, the exact tanh term, instead of 1e10), or
-    # normalize observations (VecNormalize). A tighter chain bound (30) would rescale 10% of
-    # the states of a trained LakeCrossing policy.
+    # bound on the raw flow parameters, as SB3 clamps a Gaussian's log_std
     param_bound=10.0,
+    # and on what compounds over the layers: for unnormalized observations (1e6), |log pi| at
+    # most ~2e3 at initialization (the exact tanh term) instead of 1e10. It rescales no state of
+    # a trained LakeCrossing policy; a batch's one-reduction pre-check keeps its cost small.
+    output_bound=1000.0,
 )
 """The policy's flow settings; ``flow_kwargs`` entries replace them (ConditionalFlow's
 arguments, except ``dim``, ``context_dim`` and ``squash``, which the actor sets)."""

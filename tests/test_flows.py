@@ -536,7 +536,7 @@ def test_output_bound_bounds_what_compounds(nonlinearity):
     theta = cflow.hyper(context).clamp(-10, 10)
     assert (cflow.layout.output_scales(theta, cflow.output_bound) == 0).all()
     unbounded = ConditionalFlow(2, 3, nonlinearity=nonlinearity, squash=True, seed=0)
-    assert unbounded.output_bound is None  # off by default: the screen costs every call
+    assert unbounded.output_bound is None  # ConditionalFlow's default (FlowPolicy sets 1000)
     unbounded.load_state_dict(cflow.state_dict())
     torch.manual_seed(1)
     a = cflow(context).rsample_and_log_prob()

@@ -186,3 +186,19 @@ def test_bounded_conditional_flow_stays_finite_for_any_context(nonlinearity, see
     x, log_prob = cflow(context).rsample_and_log_prob((4,))
     assert torch.isfinite(x).all() and torch.isfinite(log_prob).all()
     assert log_prob.abs().max() < 1e4
+
+
+@pytest.mark.parametrize("nonlinearity", ["prelu", "spline"])
+@SETTINGS
+@given(seed=seeds, exponent=st.integers(-2, 3), rank=st.integers(0, 2))
+def test_batch_precheck_implies_no_state_is_scaled(nonlinearity, seed, exponent, rank):
+    """FlowParams.within, the one-reduction test that lets a batch skip output_scales, is
+    sufficient: where it passes, no state's layer would have been scaled (and for large raw
+    values it fails, so the per-state screen runs)."""
+    layout = ConditionalFlow(3, 1, rank=rank, nonlinearity=nonlinearity, seed=0).double().layout
+    theta = 10.0**exponent * torch.randn(16, layout.num_params, generator=_generator(seed))
+    theta = theta.clamp(-10, 10).double()
+    for bound in (10.0, 1000.0):
+        if layout.within(theta, bound):
+            assert (layout.output_scales(theta, bound) == 0).all()
+    assert not layout.within(torch.full((4, layout.num_params), 10.0), 1000.0)

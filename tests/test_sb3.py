@@ -105,16 +105,14 @@ class ScaledObservations(gym.ObservationWrapper):
 
 def test_sac_on_observations_of_1e6_keeps_log_prob_and_losses_moderate():
     """Raw parameters bounded one by one still compounded over the layers: log pi reached 1e10
-    (2.3e7 here) before training and the critic loss 4e26 after 300 steps. With
-    flow_kwargs=dict(output_bound=1000) the chain is bounded before tanh; what remains at
+    (2.3e7 here) before training and the critic loss 4e26 after 300 steps. The default
+    flow_kwargs' output_bound=1000 bounds the chain before tanh; what remains at
     initialization is the exact tanh term, -log(1 - tanh(x)^2) ~ 2|x| (SB3's Gaussian stays at
     |log pi| <= 66 only because it adds 1e-6 inside that log). Training brings log pi back to
     the Gaussian's range (|log pi| <= 33 here, critic loss ~2e7 from the critic's own inputs)."""
     env = ScaledObservations(gym.make("Pendulum-v1"))
-    policy_kwargs = dict(flow_kwargs=dict(output_bound=1000.0))
-    model = SAC(
-        FlowPolicy, env, learning_starts=100, batch_size=64, seed=0, policy_kwargs=policy_kwargs
-    )
+    model = SAC(FlowPolicy, env, learning_starts=100, batch_size=64, seed=0)
+    assert model.actor.flow.output_bound == 1000.0
     capture = Capture()
     model.set_logger(Logger(folder=None, output_formats=[capture]))
     rng = np.random.default_rng(0)
@@ -225,14 +223,20 @@ def test_flow_settings_are_one_dict_with_the_policy_defaults():
     policy = FlowPolicy(OBS_SPACE, ACTION_SPACE_2D, constant_lr)
     assert policy.actor.flow_kwargs == DEFAULT_FLOW_KWARGS
     assert DEFAULT_FLOW_KWARGS == dict(
-        layers=4, rank=1, nonlinearity="prelu", hidden=(), init_strength=0.5, param_bound=10.0
+        layers=4,
+        rank=1,
+        nonlinearity="prelu",
+        hidden=(),
+        init_strength=0.5,
+        param_bound=10.0,
+        output_bound=1000.0,
     )
-    assert policy.actor.flow.param_bound == 10.0
+    assert (policy.actor.flow.param_bound, policy.actor.flow.output_bound) == (10.0, 1000.0)
     data = policy._get_constructor_parameters()
     assert data["flow_kwargs"] == DEFAULT_FLOW_KWARGS
     assert (data["mode_samples"], data["mode_bandwidth"]) == (64, 1.0)
-    unbounded = make_policy(flow_kwargs=dict(param_bound=None, layers=2))
-    assert unbounded.actor.flow.param_bound is None
+    unbounded = make_policy(flow_kwargs=dict(param_bound=None, output_bound=None, layers=2))
+    assert unbounded.actor.flow.param_bound is None and unbounded.actor.flow.output_bound is None
     assert unbounded.actor.flow_kwargs["layers"] == 2
 
 
