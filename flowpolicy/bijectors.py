@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributions import Transform, constraints
 
+from flowpolicy.coupling import Coupling
 from flowpolicy.spline import Spline
 
-__all__ = ["Affine", "PReLU", "Spline", "Tanh", "call_and_ladj", "inv_and_ladj"]
+__all__ = ["Affine", "Coupling", "PReLU", "Spline", "Tanh", "call_and_ladj", "inv_and_ladj"]
 
 _LOG2 = math.log(2.0)
 
@@ -223,6 +224,8 @@ class Affine(Transform):
                 # density fit's step: 14.0 -> 9.2 ms with PReLU layers)
                 return torch.addmm(shift[:, None], inverse.mT, y.mT).mT
             return torch.addmm(shift, y.reshape(-1, y.shape[-1]), inverse).reshape(y.shape)
+        if self.shift.shape[-1] <= 4 and (self.factor is None or self.factor.shape[-1] <= 2):
+            return self._small_inverse(y - self.shift)
         z = (y - self.shift)[..., None]
         batch = torch.broadcast_shapes(z.shape[:-2], self.scale_tril.shape[:-2])
         L = self.scale_tril.expand(batch + self.scale_tril.shape[-2:])
@@ -232,6 +235,30 @@ class Affine(Transform):
             u = torch.cholesky_solve(u, self.capacitance_tril.expand(u.shape[:-2] + (-1, -1)))
             x = x - self.factor @ u
         return x[..., 0]
+
+    def _small_inverse(self, z: Tensor) -> Tensor:
+        r""":math:`x = (I + F F^\top)^{-1} L^{-1} z` for per-state parameters of size
+        :math:`d \le 4`, rank :math:`r \le 2`, without batched LAPACK calls (a policy's
+        log-probability of stored actions, PPO's hot path: their per-call overhead dominates at
+        these sizes): forward substitution, then Sherman-Morrison (:math:`r = 1`) or the
+        closed-form 2 x 2 capacitance solve (:math:`r = 2`)."""
+        L = self.scale_tril
+        columns: list[Tensor] = []
+        for i in range(z.shape[-1]):
+            acc = z[..., i]
+            for j, x_j in enumerate(columns):
+                acc = acc - L[..., i, j] * x_j
+            columns.append(acc / L[..., i, i])
+        x = torch.stack(columns, -1)
+        if self.factor is None:
+            return x
+        if self.factor.shape[-1] == 1:
+            f = self.factor[..., 0]
+            return x - f * ((f * x).sum(-1, keepdim=True) / (1 + f.square().sum(-1, keepdim=True)))
+        f, g, a, b, c = _gram_of_columns(self.factor)
+        p, q = (f * x).sum(-1, keepdim=True), (g * x).sum(-1, keepdim=True)
+        det = (1 + a) * (1 + c) - b * b
+        return x - f * (((1 + c) * p - b * q) / det) - g * (((1 + a) * q - b * p) / det)
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         return _expand_ladj(self.log_det(), x)

@@ -155,6 +155,16 @@ class _LayeredFlowDistribution(FlowDistribution):
         return z.pow(2).sum(-1).mul(-0.5).sub(0.5 * z.shape[-1] * _LOG_2PI)
 
 
+def _seeded_layout(seed: int | None, *args, **kwargs) -> FlowParams:
+    """A :class:`FlowParams`; with a seed, the coupling conditioners' initial weights come from
+    it (without touching torch's global generator), so one seed gives one flow."""
+    if seed is None:
+        return FlowParams(*args, **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return FlowParams(*args, **kwargs)
+
+
 class Flow(nn.Module):
     r"""A learnable flow distribution over :math:`\mathbb{R}^d` (or :math:`(-1, 1)^d` with
     ``squash``): ``flow()`` returns a :class:`FlowDistribution`.
@@ -170,13 +180,16 @@ class Flow(nn.Module):
     :param dim: event size ``d``.
     :param layers: number of nonlinear layers; the chain has ``layers + 1`` affine layers.
     :param rank: rank ``r`` of the low-rank update in each affine layer, ``0 <= r <= d``.
-    :param nonlinearity: ``"prelu"`` (a two-piece linear spline) or ``"spline"`` (monotone
-        rational-quadratic, the choice for well-separated modes).
+    :param nonlinearity: ``"prelu"`` (a two-piece linear spline), ``"spline"`` (monotone
+        rational-quadratic, the choice for well-separated modes) or ``"coupling"`` (a spline
+        whose bins for half of the coordinates are an MLP of the other half,
+        :class:`~flowpolicy.coupling.Coupling`: the choice for data, and for many dimensions).
     :param squash: end the chain with :class:`~flowpolicy.bijectors.Tanh` (support ``(-1, 1)^d``).
     :param bins: spline bins ``K``.
     :param bound: spline interval ``[-B, B]``; identity outside.
     :param init_strength: spread of the random initialization (``0`` starts at the identity map).
     :param seed: seed of the initialization (``None``: from torch's global generator).
+    :param coupling_hidden: hidden sizes of each coupling layer's conditioner MLP.
 
     Example:
         >>> flow = Flow(dim=2, layers=16, rank=1)
@@ -194,6 +207,7 @@ class Flow(nn.Module):
         bound: float = 4.0,
         init_strength: float = 1.0,
         seed: int | None = None,
+        coupling_hidden: Sequence[int] = (64, 64),
     ) -> None:
         super().__init__()
         self.config = dict(
@@ -205,7 +219,11 @@ class Flow(nn.Module):
             bins=bins,
             bound=bound,
         )
-        self.layout = FlowParams(dim, layers, rank, nonlinearity, squash, bins, bound)
+        if nonlinearity == "coupling":  # (other configs stay as they were: saves compare them)
+            self.config["coupling_hidden"] = list(coupling_hidden)
+        self.layout = _seeded_layout(
+            seed, dim, layers, rank, nonlinearity, squash, bins, bound, tuple(coupling_hidden)
+        )
         self.theta = nn.Parameter(self.layout.init(seed, init_strength))
 
     def forward(
@@ -260,7 +278,9 @@ class ConditionalFlow(nn.Module):
     :param rank: rank of the low-rank update of each affine layer.
     :param hidden: hidden sizes of the MLP; ``()`` makes the hypernetwork a single linear head
         (for a context that is already a learned feature, such as a policy's latent).
-    :param nonlinearity: ``"prelu"`` or ``"spline"``.
+    :param nonlinearity: ``"prelu"``, ``"spline"`` or ``"coupling"`` (see :class:`Flow`; the
+        hypernetwork outputs each coupling layer's base splines and a code of
+        ``coupling_code`` values that its conditioner reads with the coordinates).
     :param squash: end with tanh (actions in ``(-1, 1)^d``).
     :param activation: activation class of the MLP.
     :param bins: spline bins.
@@ -283,6 +303,8 @@ class ConditionalFlow(nn.Module):
         it is screened state by state (about 0.5 ms for 256 states). ``None`` (the default
         here; :class:`~flowpolicy.FlowPolicy` sets 1000): no bound, which normalized contexts
         never need.
+    :param coupling_hidden: hidden sizes of each coupling layer's conditioner MLP.
+    :param coupling_code: size of the context code each coupling conditioner reads.
 
     Example:
         >>> cflow = ConditionalFlow(dim=2, context_dim=5, layers=4, rank=1, hidden=(256, 256))
@@ -307,6 +329,8 @@ class ConditionalFlow(nn.Module):
         seed: int | None = None,
         param_bound: float | None = None,
         output_bound: float | None = None,
+        coupling_hidden: Sequence[int] = (64, 64),
+        coupling_code: int = 16,
     ) -> None:
         super().__init__()
         if not isinstance(context_dim, int) or context_dim < 1:
@@ -324,7 +348,20 @@ class ConditionalFlow(nn.Module):
             )
         self.context_dim, self.param_bound = context_dim, param_bound
         self.output_bound = output_bound
-        self.layout = FlowParams(dim, layers, rank, nonlinearity, squash, bins, bound)
+        if not isinstance(coupling_code, int) or coupling_code < 0:
+            raise ValueError(f"coupling_code must be a non-negative int, got {coupling_code!r}")
+        self.layout = _seeded_layout(
+            seed,
+            dim,
+            layers,
+            rank,
+            nonlinearity,
+            squash,
+            bins,
+            bound,
+            tuple(coupling_hidden),
+            coupling_code if nonlinearity == "coupling" else 0,
+        )
         modules: list[nn.Module] = []
         width = context_dim
         for size in hidden:

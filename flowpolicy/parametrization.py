@@ -22,10 +22,11 @@ from torch import Tensor
 from torch.distributions import Transform
 
 from flowpolicy.bijectors import Affine, PReLU, Spline, Tanh
+from flowpolicy.coupling import CouplingParams
 
 __all__ = ["AffineParams", "FlowParams", "PReLUParams", "SplineParams", "inverse_softplus"]
 
-NONLINEARITIES = ("prelu", "spline")
+NONLINEARITIES = ("prelu", "spline", "coupling")
 
 
 def inverse_softplus(y: Tensor) -> Tensor:
@@ -224,6 +225,8 @@ class FlowParams(nn.Module):
         squash: bool,
         bins: int,
         bound: float,
+        hidden: tuple[int, ...] = (64, 64),
+        code: int = 0,
     ) -> None:
         super().__init__()
         if not isinstance(dim, int) or dim < 1:
@@ -234,7 +237,7 @@ class FlowParams(nn.Module):
             raise ValueError(f"rank must be an integer in [0, dim = {dim}], got {rank!r}")
         if nonlinearity not in NONLINEARITIES:
             raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}, got {nonlinearity!r}")
-        if nonlinearity == "spline":
+        if nonlinearity in ("spline", "coupling"):
             if isinstance(bins, bool) or not isinstance(bins, numbers.Integral) or bins < 2:
                 raise ValueError(f"spline bins must be an integer >= 2, got {bins!r}")
             if isinstance(bound, bool) or not isinstance(bound, numbers.Real):
@@ -244,15 +247,23 @@ class FlowParams(nn.Module):
                     f"spline bound must be positive and finite (the spline acts on [-bound, "
                     f"bound]), got {bound!r}"
                 )
-        bins = int(bins) if nonlinearity == "spline" else bins
+        if nonlinearity == "coupling":
+            hidden = tuple(hidden)
+            if not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
+                raise ValueError(
+                    f"coupling_hidden must be a sequence of positive integers, got {hidden!r}"
+                )
+        bins = int(bins) if nonlinearity != "prelu" else bins
         self.dim, self.squash = dim, squash
         chain: list[nn.Module] = []
-        for _ in range(layers):
+        for k in range(layers):
             chain.append(AffineParams(dim, rank))
             if nonlinearity == "prelu":
                 chain.append(PReLUParams(dim))
-            else:
+            elif nonlinearity == "spline":
                 chain.append(SplineParams(dim, bins, bound))
+            else:  # each layer has its own conditioner; consecutive ones bend alternate halves
+                chain.append(CouplingParams(dim, bins, bound, hidden, code, parity=k))
         chain.append(AffineParams(dim, rank))
         self.chain = nn.ModuleList(chain)
         self.sizes = [layer.num_params for layer in chain]
@@ -377,7 +388,7 @@ class FlowParams(nn.Module):
                     validate=False,
                     log_diag=diag[:, flagged].log(),
                 )
-                gs = _unbind_layers(nonlinear(raw_nonlinear[:, flagged])) if nonlinear else []
+                gs = self._nonlinear_layers(raw_nonlinear[:, flagged]) if nonlinear else []
                 eye = 3 * torch.eye(self.dim, dtype=theta.dtype, device=theta.device)
                 x = torch.cat([eye, -eye, eye[:1] * 0])[:, None]  # (2d + 1, 1, d)
                 affines = _unbind_layers(affine)
@@ -447,7 +458,7 @@ class FlowParams(nn.Module):
         step = torch.cat([log_norm[1:] + log_lip[:-1], log_lip[-1:]])
         suffix = step.flip(0).cumsum(0).flip(0)  # growth after affine layer k
         terms = [(log_r + log_norm[0] + suffix[0])[None], log_shift + suffix]
-        if isinstance(nonlinear, SplineParams):
+        if isinstance(nonlinear, (SplineParams, CouplingParams)):
             terms.append(log_spread + suffix[:-1])
         final = torch.cat(terms)
         # every m_k <= (R + sum |b| + K B sqrt(d)) times the product of the expanding factors
@@ -490,12 +501,19 @@ class FlowParams(nn.Module):
             affine.dense_inverse()
         nonlinear: list[Transform] = []
         if len(self.chain) > 1:
-            module, raw_nonlinear = self.chain[1], raw_nonlinear.contiguous()
-            if isinstance(module, PReLUParams):
-                nonlinear = _unbind_layers(module(raw_nonlinear, kink_bandwidth))
-            else:
-                nonlinear = _unbind_layers(module(raw_nonlinear))
+            nonlinear = self._nonlinear_layers(raw_nonlinear.contiguous(), kink_bandwidth)
         return _unbind_layers(affine), nonlinear, affine.log_det().sum(0)
+
+    def _nonlinear_layers(self, raw: Tensor, kink_bandwidth: float = 0.0) -> list[Transform]:
+        """The nonlinear layers of raw parameters ``raw (K, ..., P_nonlinear)``: element-wise
+        layers share one layout, built in one call and split; coupling layers each have their
+        own conditioner, built one by one."""
+        module = self.chain[1]
+        if isinstance(module, CouplingParams):
+            return [self.chain[2 * k + 1](theta) for k, theta in enumerate(raw)]
+        if isinstance(module, PReLUParams):
+            return _unbind_layers(module(raw, kink_bandwidth))
+        return _unbind_layers(module(raw))
 
     def chain_of(self, affines: list[Affine], nonlinear: list[Transform]) -> list[Transform]:
         """The bijectors in the order they apply: affine, nonlinear, ..., affine [, tanh]."""

@@ -645,3 +645,83 @@ def test_half_precision_mixed_dtypes_and_meta():
     x, log_prob = dist.rsample_and_log_prob()
     assert x.shape == (4, 2) and log_prob.shape == (4,) and log_prob.is_meta
     assert dist.log_prob(torch.zeros(4, 2, device="meta")).shape == (4,)
+
+
+# --- issue 19: coupling splines ---------------------------------------------------------------
+
+
+def _perturbed_coupling_flow(dim: int = 2, seed: int = 0, **kwargs) -> Flow:
+    """A coupling flow whose conditioners have random output layers (they start at zero)."""
+    flow = Flow(dim, layers=3, rank=1, nonlinearity="coupling", seed=seed, **kwargs)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in flow.layout.chain[1::2]:
+            head = layer.conditioner[-1]
+            head.weight.copy_(0.3 * torch.randn(head.weight.shape, generator=g))
+    return flow
+
+
+def test_coupling_density_integrates_to_one_and_samples_match():
+    flow = Flow(2, layers=2, rank=1, nonlinearity="coupling", seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # mild conditioners: a coarse grid resolves the density
+        for layer in flow.layout.chain[1::2]:
+            torch.nn.init.normal_(layer.conditioner[-1].weight, 0, 0.05, generator=g)
+    dist = flow()
+    assert grid_mass(dist.log_prob, -8, 8, 300) == pytest.approx(1.0, abs=1e-2)
+    x, log_prob = dist.rsample_and_log_prob((64,))
+    torch.testing.assert_close(dist.log_prob(x), log_prob)
+
+
+def test_coupling_conditioner_bends_one_coordinate_by_the_other():
+    """The second coordinate's spline depends on the first: a single coupling layer (no affine
+    mixing) maps a vertical line to a curve, which element-wise splines never do."""
+    flow = _perturbed_coupling_flow()
+    layer = flow.layer(1)
+    a, b = layer.a, layer.b
+    assert a and b and sorted(a + b) == [0, 1]
+    x = torch.zeros(50, 2)
+    x[:, a[0]] = torch.linspace(-2, 2, 50)
+    y = layer(x)
+    assert y[:, b[0]].std() > 1e-3  # x_b fixed at 0, y_b varies with x_a
+    # consecutive layers bend complementary coordinates
+    assert flow.layer(3).b == a
+
+
+def test_coupling_flow_is_seeded_and_leaves_the_global_generator_alone():
+    state = torch.random.get_rng_state()
+    one, two = (Flow(2, 2, nonlinearity="coupling", seed=3) for _ in range(2))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for p, q in zip(one.parameters(), two.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_coupling_gradients_reach_every_parameter():
+    flow = _perturbed_coupling_flow(dim=3)
+    x, log_prob = flow().rsample_and_log_prob((64,))
+    (log_prob.mean() + x.pow(2).mean()).backward()
+    for name, parameter in flow.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    cflow = ConditionalFlow(3, 4, layers=2, hidden=(16,), nonlinearity="coupling", seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in cflow.layout.chain[1::2]:
+            torch.nn.init.normal_(layer.conditioner[-1].weight, 0, 0.3, generator=g)
+    cflow(torch.randn(8, 4)).log_prob(torch.randn(8, 3)).sum().backward()
+    for name, parameter in cflow.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("squash", [False, True])
+@pytest.mark.parametrize("conditional", [False, True])
+def test_coupling_layered_chain_equals_the_generic_chain(squash, conditional):
+    test_layered_chain_equals_the_generic_chain("coupling", squash, conditional)
+
+
+def test_coupling_arguments_are_validated():
+    with pytest.raises(ValueError, match="coupling_hidden"):
+        Flow(2, nonlinearity="coupling", coupling_hidden=(0,))
+    with pytest.raises(ValueError, match="coupling_code"):
+        ConditionalFlow(2, 3, nonlinearity="coupling", coupling_code=-1)
+    with pytest.raises(ValueError, match="bins"):
+        Flow(2, nonlinearity="coupling", bins=1)

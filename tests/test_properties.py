@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from torch.autograd.functional import jacobian
 
 from flowpolicy.bijectors import Affine, PReLU, Spline, Tanh, call_and_ladj, inv_and_ladj
+from flowpolicy.coupling import Coupling, CouplingParams
 from flowpolicy.flows import ConditionalFlow, Flow
 
 SETTINGS = settings(derandomize=True, deadline=None, max_examples=60, database=None)
@@ -84,6 +85,53 @@ def test_spline(seed, dim, bins, spread, bound):
     _check_bijector(f, x, atol=1e-7)
 
 
+def _perturb_conditioners_(module: torch.nn.Module, seed: int, scale: float = 0.5) -> None:
+    """Random weights for every coupling conditioner (they start with a zero output layer,
+    which would leave the coupling untested)."""
+    g = _generator(seed + 1)
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, CouplingParams):
+                for p in layer.conditioner.parameters():  # weights by 1/sqrt(fan-in)
+                    fan_in = p.shape[-1] if p.dim() == 2 else 1
+                    noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
+                    p.copy_(scale * noise / math.sqrt(max(fan_in, 1)))
+
+
+@SETTINGS
+@given(
+    seed=seeds,
+    dim=st.integers(1, 5),
+    bins=st.integers(2, 8),
+    code=st.integers(0, 3),
+    batched=st.booleans(),
+    spread=st.floats(0, 2),
+)
+def test_coupling(seed, dim, bins, code, batched, spread):
+    """Coupling: round trips and exact log-dets, with one parameter set for all samples (a
+    density) or one per sample (a conditional flow's hypernetwork), for any conditioner."""
+    g = _generator(seed)
+    layer = CouplingParams(dim, bins, bound=2.0, hidden=(6,), code=code, parity=seed % 2)
+    _perturb_conditioners_(layer, seed, scale=2 * spread)
+    n, layer = 7, layer.double()
+    theta = spread * _randn(g, *((n,) if batched else ()), layer.num_params)
+    f, x = layer(theta), 2.0 * _randn(g, n, dim)
+    assert isinstance(f, Coupling)
+    if not batched:
+        _check_bijector(f, x, atol=1e-7)
+        return
+    y, ladj = f.call_and_ladj(x)
+    x_back, ladj_back = f.inv_and_ladj(y)
+    torch.testing.assert_close(x_back, x, atol=1e-7, rtol=1e-7)
+    torch.testing.assert_close(ladj_back, ladj, atol=1e-7, rtol=1e-7)
+    for i in range(3):  # sample i under parameter set i alone
+        one = layer(theta[i])
+        y_i, ladj_i = one.call_and_ladj(x[i : i + 1])
+        torch.testing.assert_close(y_i[0], y[i], atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(ladj_i[0], ladj[i], atol=1e-9, rtol=1e-9)
+        _check_bijector(one, x[i : i + 1], atol=1e-7)
+
+
 @SETTINGS
 @given(seed=seeds, dim=st.integers(1, 5), scale=st.floats(0.1, 6))
 def test_tanh(seed, dim, scale):
@@ -96,6 +144,7 @@ def _flow(seed, dim, layers, rank_fraction, nonlinearity, squash) -> Flow:
     rank = round(rank_fraction * dim)
     strength = 0.5 if squash else 1.0  # squashed: keep tanh away from saturation
     flow = Flow(dim, layers, rank, nonlinearity, squash, bins=5, init_strength=strength, seed=seed)
+    _perturb_conditioners_(flow, seed, scale=0.3 if squash else 0.5)
     return flow.double()
 
 
@@ -104,7 +153,7 @@ chains = dict(
     dim=st.integers(1, 4),
     layers=st.integers(0, 4),
     rank_fraction=st.floats(0, 1),
-    nonlinearity=st.sampled_from(["prelu", "spline"]),
+    nonlinearity=st.sampled_from(["prelu", "spline", "coupling"]),
     squash=st.booleans(),
 )
 
@@ -147,7 +196,7 @@ def test_rsample_and_log_prob_equals_log_prob(
     seed=seeds,
     dim=st.integers(1, 3),
     layers=st.integers(0, 3),
-    nonlinearity=st.sampled_from(["prelu", "spline"]),
+    nonlinearity=st.sampled_from(["prelu", "spline", "coupling"]),
     squash=st.booleans(),
     param_bound=st.sampled_from([None, 10.0]),
 )
@@ -165,6 +214,7 @@ def test_conditional_rsample_and_log_prob(seed, dim, layers, nonlinearity, squas
         init_strength=0.5,
         param_bound=param_bound,
     ).double()
+    _perturb_conditioners_(cflow, seed, scale=0.3)
     torch.manual_seed(seed)
     dist = cflow(_randn(_generator(seed), 6, 3))
     with torch.no_grad():
@@ -172,7 +222,7 @@ def test_conditional_rsample_and_log_prob(seed, dim, layers, nonlinearity, squas
         torch.testing.assert_close(dist.log_prob(x), log_prob, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("nonlinearity", ["prelu", "spline"])
+@pytest.mark.parametrize("nonlinearity", ["prelu", "spline", "coupling"])
 @SETTINGS
 @given(seed=seeds, exponent=st.integers(0, 30))
 def test_bounded_conditional_flow_stays_finite_for_any_context(nonlinearity, seed, exponent):
@@ -182,13 +232,14 @@ def test_bounded_conditional_flow_stays_finite_for_any_context(nonlinearity, see
     cflow = ConditionalFlow(
         2, 3, nonlinearity=nonlinearity, squash=True, param_bound=10, output_bound=1000, seed=0
     )
+    _perturb_conditioners_(cflow, seed)
     context = 10.0**exponent * torch.randn(8, 3, generator=_generator(seed))
     x, log_prob = cflow(context).rsample_and_log_prob((4,))
     assert torch.isfinite(x).all() and torch.isfinite(log_prob).all()
     assert log_prob.abs().max() < 1e4
 
 
-@pytest.mark.parametrize("nonlinearity", ["prelu", "spline"])
+@pytest.mark.parametrize("nonlinearity", ["prelu", "spline", "coupling"])
 @SETTINGS
 @given(seed=seeds, exponent=st.integers(-2, 3), rank=st.integers(0, 2))
 def test_batch_precheck_implies_no_state_is_scaled(nonlinearity, seed, exponent, rank):

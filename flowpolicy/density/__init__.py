@@ -30,6 +30,12 @@ that each add one monotone function) begins within about 1e-4 nats of the banana
     flow = Flow(2, layers=4, rank=2, nonlinearity="spline", bins=16)
     init_splines_(flow, targets.banana.sample(2**18))
 
+From data (rows are samples): coupling splines, whose bins for one half of the coordinates are
+an MLP of the other half, between affine layers (:func:`fit_data`, ``--data``)::
+
+    flow, history = fit_data(data, time_limit=60)   # history.nll[-1]: held-out NLL
+    python -m flowpolicy.density --data data.npy --out runs/data --time-limit 60
+
 Command line (trains at good defaults, prints the held-out NLL, the entropy and the KL with its
 standard error, saves the flow and the figures)::
 
@@ -44,18 +50,30 @@ load),
 command line, :func:`main`).
 """
 
+from flowpolicy.density import datasets
 from flowpolicy.density.fit import History, evaluate, fit, resolve_device
 from flowpolicy.density.init import init_hinges_, init_layers_, init_splines_, standardize_
 from flowpolicy.density.io import load, save
 from flowpolicy.density.plots import save_figures
-from flowpolicy.density.recipes import DEFAULTS, SPLINE_DEFAULTS, initial_flow
+from flowpolicy.density.recipes import (
+    DATA_DEFAULTS,
+    DEFAULTS,
+    SPLINE_DEFAULTS,
+    data_flow,
+    fit_data,
+    initial_flow,
+)
 
 __all__ = [
+    "DATA_DEFAULTS",
     "DEFAULTS",
     "SPLINE_DEFAULTS",
     "History",
+    "data_flow",
+    "datasets",
     "evaluate",
     "fit",
+    "fit_data",
     "init_hinges_",
     "init_layers_",
     "init_splines_",

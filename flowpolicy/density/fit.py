@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor
-from torch.func import functional_call
 from torch.optim.swa_utils import AveragedModel
 
 from flowpolicy import targets as _targets
@@ -64,7 +63,7 @@ class History:
     :ivar kl: :math:`\\mathrm{KL}(p\\|q)` at those steps (analytic targets only, else empty);
         ``kl_stderr`` its standard error.
     :ivar entropy: the target's exact entropy (``None`` for data).
-    :ivar train_seconds: wall time of the training steps (evaluations excluded).
+    :ivar train_seconds: wall time of the setup and the training steps (evaluations excluded).
     :ivar steps_per_second: training steps per second.
     :ivar device: where it ran.
     """
@@ -108,14 +107,13 @@ def _score(
     flow: Flow,
     x: Tensor,
     log_p: Tensor | None,
-    theta: Tensor | None = None,
     log_scale: float = 0.0,
     chunk: int = 65536,
 ) -> dict[str, float]:
-    """Held-out NLL of ``x`` under ``flow``, or under its layout with parameters ``theta`` (and
-    the KL when ``log_p`` is given); ``x`` in working units, ``log_scale`` their log-Jacobian
+    """Held-out NLL of ``x`` under ``flow`` (and the KL when ``log_p`` is given); ``x`` in
+    working units, ``log_scale`` their log-Jacobian
     (:attr:`Source.log_scale <flowpolicy.density.source.Source.log_scale>`)."""
-    dist = flow(False) if theta is None else functional_call(flow, {"theta": theta}, (False,))
+    dist = flow(False)
     log_q = torch.cat([dist.log_prob(part) for part in x.split(chunk)]).double() - log_scale
     n = log_q.numel()
     out = {"nll": -log_q.mean().item(), "nll_stderr": log_q.std().item() / math.sqrt(n)}
@@ -182,24 +180,29 @@ def _learning_rate(done: float, lr: float, final_lr: float, warmup: float) -> fl
 
 
 def _polyak(decay: float):
-    r"""The ``avg_fn`` of an exponential moving average with a warm-up of the decay,
+    r"""The ``multi_avg_fn`` of an exponential moving average with a warm-up of the decay,
     :math:`\beta_n = \min(\text{decay}, (1 + n) / (10 + n))` after ``n`` updates: early on the
-    average forgets fast (as in Polyak averaging)."""
+    average forgets fast (as in Polyak averaging). One fused update for all the parameters
+    (a coupling flow has dozens), with ``n`` counted here: no sync with a GPU."""
+    updates = 0
 
-    def average(mean: Tensor, value: Tensor, count: Tensor) -> Tensor:
-        beta = ((1 + count) / (10 + count)).clamp(max=decay).to(mean.dtype)
-        return mean + (1 - beta) * (value - mean)
+    def average(means: list[Tensor], values: list[Tensor], count: Tensor) -> None:
+        nonlocal updates
+        updates += 1
+        beta = min(decay, (1 + updates) / (10 + updates))
+        torch._foreach_lerp_(means, values, 1 - beta)
 
     return average
 
 
-def _polyak_average(weights: torch.nn.Module, decay: float | None) -> AveragedModel | None:
-    """``torch.optim.swa_utils.AveragedModel`` of ``weights`` with :func:`_polyak`'s decay,
-    started at their current values (``None`` for no average)."""
+def _polyak_average(flow: Flow, decay: float | None) -> AveragedModel | None:
+    """``torch.optim.swa_utils.AveragedModel`` of the flow's parameters (its raw vector, and
+    the conditioners of coupling layers) with :func:`_polyak`'s decay, started at their current
+    values (``None`` for no average); ``average.module`` is the averaged flow."""
     if not decay:
         return None
-    average = AveragedModel(weights, avg_fn=_polyak(decay))
-    average.update_parameters(weights)
+    average = AveragedModel(flow, multi_avg_fn=_polyak(decay))
+    average.update_parameters(flow)
     return average
 
 
@@ -207,11 +210,11 @@ class _Clock:
     """Training time (evaluations excluded), the run's progress and when to evaluate: every
     ``eval_every`` steps, or every tenth of ``time_limit`` when the clock is what ends the run."""
 
-    def __init__(self, steps, time_limit, eval_every, device) -> None:
+    def __init__(self, steps, time_limit, eval_every, device, setup: float = 0.0) -> None:
         self.steps, self.time_limit, self.device = steps, time_limit, device
         self.by_time = eval_every is None and time_limit is not None
         self.eval_every = eval_every or max(1, steps // 10)
-        self.step, self.seconds = 0, 0.0
+        self.step, self.seconds = 0, setup  # the setup's seconds count against the budget
         self.next_eval = 0.1 * time_limit if self.by_time else math.inf
         self.start = time.perf_counter()
 
@@ -304,7 +307,9 @@ def fit(
     :param device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``...
     :param seed: seed of the batches and of the held-out set.
     :param progress: show a tqdm progress bar.
-    :param time_limit: stop after this many seconds of training (the schedule follows it).
+    :param time_limit: stop after this many seconds (the schedule follows it): training, and
+        the setup before it (the copy, the split of the data, the standardization), so that a
+        budget is the wall-clock time of the call; evaluations are excluded.
     :param ema: decay :math:`\beta` of the weight average (``None`` or 0: no averaging).
     :param final_lr: learning rate at the end, as a fraction of ``lr``.
     :param warmup: fraction of the run over which the learning rate ramps up linearly.
@@ -336,6 +341,7 @@ def fit(
     ``flow`` is trained on a copy and changes only when the fit succeeds: an error, a
     divergence or a ``KeyboardInterrupt`` leaves it as it was (moved to ``device``).
     """
+    called = time.perf_counter()
     check_fit_args(
         flow,
         steps,
@@ -359,12 +365,12 @@ def fit(
     source = make_source(target_or_data, work, seed, eval_samples, holdout, scaled)
     if scaled:
         _to_working_units_(work, source, seed)
-    optimizer = torch.optim.Adam([work.theta], lr=lr)
-    weights = torch.nn.ParameterList([work.theta])  # the average needs no copy of the buffers
-    average = _polyak_average(weights, ema)
-    averaged = None if average is None else average.module[0]
+    optimizer = torch.optim.Adam(work.parameters(), lr=lr, foreach=True)
+    average = _polyak_average(work, ema)
+    averaged = work if average is None else average.module
     history = History(entropy=source.entropy, device=str(device))
-    clock, losses = _Clock(steps, time_limit, eval_every, device), []
+    setup = time.perf_counter() - called
+    clock, losses = _Clock(steps, time_limit, eval_every, device, setup), []
     bar = _progress_bar(progress, steps, device)
 
     def checkpoint() -> None:  # the losses so far, and the held-out scores
@@ -372,7 +378,7 @@ def fit(
         _check_finite(work, averaged, clock.step, lr)
         history.loss.extend((torch.stack(losses) + source.log_scale).tolist() if losses else [])
         losses.clear()
-        scores = _score(work, source.held, source.held_log_p, averaged, source.log_scale)
+        scores = _score(averaged, source.held, source.held_log_p, source.log_scale)
         history.record(clock.step, scores)
         clock.resume()
 
@@ -382,7 +388,7 @@ def fit(
             batch = source.draw(batch_size)
             loss = _train_step(work, optimizer, batch, history.lr[-1], kink_bandwidth)
             if average is not None:
-                average.update_parameters(weights)
+                average.update_parameters(work)
             losses.append(loss)  # no .item() per step: it would sync a GPU every step
             clock.step += 1
             if bar is not None:
@@ -393,7 +399,7 @@ def fit(
         if not history.eval_step or history.eval_step[-1] != clock.step:  # the clock ended it
             checkpoint()
     except (RuntimeError, ValueError) as error:  # a diverged chain fails to build or invert
-        if torch.isfinite(work.theta).all() and not isinstance(error, torch.linalg.LinAlgError):
+        if _finite(work) and not isinstance(error, torch.linalg.LinAlgError):
             raise
         raise FloatingPointError(
             f"fit diverged at step {clock.step} (lr={lr:g}): the flow's layers became singular or "
@@ -418,12 +424,14 @@ def _to_working_units_(work: Flow, source: Source, seed: int) -> None:
         raise ValueError(f"fit: {error}") from None
 
 
-def _check_finite(work: Flow, averaged: Tensor | None, step: int, lr: float) -> None:
+def _finite(flow: Flow) -> bool:
+    """Whether every parameter of ``flow`` is finite (one sync)."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in flow.parameters()]).all())
+
+
+def _check_finite(work: Flow, averaged: Flow, step: int, lr: float) -> None:
     """Raise if training diverged (the user's flow is still untouched then)."""
-    finite = torch.isfinite(work.theta).all()
-    if averaged is not None:
-        finite = finite & torch.isfinite(averaged).all()
-    if not finite:
+    if not (_finite(work) and (averaged is work or _finite(averaged))):
         raise FloatingPointError(
             f"fit diverged: the parameters became NaN or inf by step {step} (lr={lr:g}); the "
             "flow was left unchanged. Lower lr, or check the data's scale"
@@ -431,15 +439,16 @@ def _check_finite(work: Flow, averaged: Tensor | None, step: int, lr: float) -> 
 
 
 @torch.no_grad()
-def _finish_(flow: Flow, work: Flow, averaged: Tensor | None, source: Source) -> None:
+def _finish_(flow: Flow, work: Flow, averaged: Flow, source: Source) -> None:
     """Write the trained (averaged) parameters, back in the data's units, into ``flow``."""
-    if averaged is not None:
-        work.theta.copy_(averaged)
+    for mine, mean in zip(work.parameters(), averaged.parameters()):
+        mine.copy_(mean)
     if source.std is not None:
         try:
             scale_output_(work, source.std, source.mean)
         except ValueError as error:
             raise ValueError(f"fit: the flow was left unchanged: {error}") from None
-    if not torch.isfinite(work.theta).all():
+    if not _finite(work):
         raise FloatingPointError("fit diverged: the flow was left unchanged; lower lr")
-    flow.theta.copy_(work.theta)
+    for theirs, mine in zip(flow.parameters(), work.parameters()):
+        theirs.copy_(mine)
