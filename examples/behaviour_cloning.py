@@ -2,10 +2,11 @@ r"""Behaviour cloning of a two-route expert on LakeCrossing: a flow policy again
 
 The expert goes around the lake on a side it picks 50/50 independently of the start, so its
 actions given the state are bimodal: from the start, half head north-west and half north-east.
-Both policies are fitted by maximum likelihood: a tanh-squashed diagonal Gaussian (SB3's SAC
-actor) and a state-conditioned spline flow (:class:`flowpolicy.ConditionalFlow`). The Gaussian
-covers both clusters with one bump: its density fills the gap between them and its mean points
-straight into the lake. The flow puts its mass on the two clusters.
+Two SAC models are pretrained on the demonstrations with :func:`flowpolicy.pretrain` (maximum
+likelihood, the library's defaults): one with SB3's tanh-squashed diagonal Gaussian actor, one
+with a spline :class:`flowpolicy.FlowPolicy`. The Gaussian covers both clusters with one bump:
+its density fills the gap between them and its mean points straight into the lake. The flow
+puts its mass on the two clusters. ``model.learn`` would then fine-tune either model.
 
 Measured: the exact mass in the gap (actions heading at the lake centre) at the start, and
 rollouts with sampled actions and with each policy's deterministic action (the Gaussian's mean,
@@ -29,12 +30,12 @@ import numpy as np
 import torch
 import tyro
 from matplotlib.figure import Figure
-from torch import nn
+from stable_baselines3 import SAC
 
 import flowpolicy.envs as envs  # registers LakeCrossing-v0
-from flowpolicy import ConditionalFlow
-from flowpolicy.diagnostics import density_grid, side_mass
-from flowpolicy.flows import squashed_gaussian
+from flowpolicy.diagnostics import action_distribution, density_grid, side_mass
+from flowpolicy.pretraining import pretrain
+from flowpolicy.sb3 import FlowPolicy
 
 
 @dataclass
@@ -47,94 +48,41 @@ class Args:
     """seed of the demonstrations, the networks and the rollouts"""
     demos: int = 200
     """expert episodes (about 26 transitions each)"""
-    margin: float = 0.05
-    """the expert's distance from the shore (at 0.01 small cloning errors drown)"""
-    steps: int = 6000
-    """Adam steps of maximum likelihood per policy (cosine-decayed learning rate)"""
-    batch_size: int = 256
-    """transitions per step"""
-    lr: float = 1e-3
-    """Adam learning rate"""
-    hidden: int = 256
-    """width of both policies' two hidden layers"""
+    margin: float = 0.01
+    """the expert's distance from the shore (collect_demonstrations' default)"""
     rollouts: int = 200
     """episodes per policy and action mode"""
     tiny: bool = False
     """a tiny budget, for tests"""
 
 
-class Policy(nn.Module):
-    """Maps observations (standardized with the demonstrations' statistics) to a distribution
-    over actions in (-1, 1)^2: a spline flow whose every parameter is a function of the state, or
-    SB3's SAC actor, an MLP giving the mean and log-std of a tanh-squashed Gaussian."""
-
-    def __init__(self, kind: str, hidden: int, obs_mean: torch.Tensor, obs_std: torch.Tensor):
-        super().__init__()
-        self.kind, self.obs_mean, self.obs_std = kind, obs_mean, obs_std
-        if kind == "flow":  # 4 (affine, spline) layers, starting as the identity map
-            flow_kwargs = dict(hidden=(hidden, hidden), nonlinearity="spline", init_strength=0.0)
-            self.net = ConditionalFlow(dim=2, context_dim=2, layers=4, squash=True, **flow_kwargs)
-        else:
-            layers = [nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()]
-            self.net = nn.Sequential(*layers, nn.Linear(hidden, 4))
-
-    def forward(self, obs: torch.Tensor):
-        out = self.net((obs - self.obs_mean) / self.obs_std)
-        if self.kind == "flow":
-            return out
-        mean, log_std = out.chunk(2, -1)
-        return squashed_gaussian(mean, log_std.clamp(-20, 2).exp())
-
-    @torch.no_grad()
-    def predict(self, obs: np.ndarray, deterministic: bool = False) -> tuple[np.ndarray, None]:
-        """A sampled action, or the deterministic one: the flow's high-density action, or the
-        Gaussian's mean (as SB3 takes it). SB3's ``predict`` signature, for ``envs.rollout``."""
-        obs_t = torch.as_tensor(obs).reshape(1, 2)
-        if not deterministic:
-            return self(obs_t).sample()[0].numpy(), None
-        if self.kind == "flow":
-            return self(obs_t).high_density_sample()[0].numpy(), None
-        return torch.tanh(self.net((obs_t - self.obs_mean) / self.obs_std)[0, :2]).numpy(), None
-
-
 def main() -> None:
     args = tyro.cli(Args)
+    steps = 20 if args.tiny else 6000  # 6000: pretrain's default
     if args.tiny:
-        args.demos, args.steps, args.rollouts, args.hidden = 10, 20, 4, 32
+        args.demos, args.rollouts = 10, 4
     torch.set_num_threads(1)
-    torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     # ---- demonstrations: the expert's side is drawn independently of the start
     demos = envs.collect_demonstrations(args.demos, seed=args.seed, margin=args.margin)
-    obs, actions = torch.as_tensor(demos.observations), torch.as_tensor(demos.actions)
     print(f"{len(demos)} transitions, expert routes cw {np.mean(demos.episode_routes == 'cw'):.2f}")
 
-    # ---- maximum likelihood, the same loop for both policies
-    # standardized inputs: the two routes' first positions differ by only ~0.1
-    stats = obs.mean(0), obs.std(0).clamp_min(1e-3)
-    policies = {kind: Policy(kind, args.hidden, *stats) for kind in ("flow", "gaussian")}
+    # ---- two SAC models, pretrained by maximum likelihood on the demonstrations
+    env = gym.make("LakeCrossing-v0")
+    flow_kwargs = dict(nonlinearity="spline")  # a PReLU chain fills the gap like the Gaussian
+    policies = {
+        "flow": SAC(FlowPolicy, env, policy_kwargs=dict(flow_kwargs=flow_kwargs), seed=args.seed),
+        "gaussian": SAC("MlpPolicy", env, seed=args.seed),
+    }
     nll = {}
-    for name, policy in policies.items():
-        optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
-        generator = torch.Generator().manual_seed(args.seed)
-        losses = []
-        for step in range(args.steps):
-            batch = torch.randint(len(obs), (args.batch_size,), generator=generator)
-            loss = -policy(obs[batch]).log_prob(actions[batch]).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
-            if (step + 1) % 1000 == 0:
-                print(f"{name} step {step + 1}: nll {np.mean(losses[-1000:]):.3f}", flush=True)
+    for name, model in policies.items():
+        losses = pretrain(model, demos.observations, demos.actions, steps=steps, seed=args.seed)
         nll[name] = float(np.mean(losses[-100:]))
+        print(f"{name}: final negative log-likelihood {nll[name]:.3f}")
 
     # ---- the exact mass at the start, and rollouts with sampled and deterministic actions
-    env = gym.make("LakeCrossing-v0")
     lake = env.unwrapped
     start = lake.start[None].astype(np.float32)
     masses, episodes = {}, {}
@@ -169,7 +117,7 @@ def main() -> None:
         lp = density_grid(policies[name], start, 200)[0][0].numpy()
         ax.imshow(lp, origin="lower", extent=(-1, 1, -1, 1), cmap="magma", vmin=lp.max() - 12)
         with torch.no_grad():
-            samples = policies[name](torch.as_tensor(start)).sample((300,))[:, 0].numpy()
+            samples = action_distribution(policies[name], start).sample((300,))[:, 0].numpy()
         best = policies[name].predict(start[0], deterministic=True)[0]
         ax.scatter(*samples.T, s=3, c="white", alpha=0.6, label="samples")
         ax.scatter(*near.T, s=6, c="cyan", label="expert actions near the start")

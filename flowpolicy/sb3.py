@@ -18,6 +18,8 @@ Everything else is SB3's: the critics, the features extractor, ``net_arch``, the
 The flow's settings are one dict, ``policy_kwargs=dict(flow_kwargs=...)``, as SB3 takes a
 features extractor's; ``policy_kwargs=dict(symmetry=reflection)`` makes the critic symmetric
 (:mod:`flowpolicy.symmetry`); :class:`EntropyCallback` logs the policy's entropy.
+:class:`MultiInputFlowPolicy` takes Dict observations (``HerReplayBuffer``);
+:mod:`flowpolicy.contrib` has the same actor for TQC and CrossQ.
 
 Example:
     >>> from stable_baselines3 import SAC
@@ -42,6 +44,7 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.preprocessing import get_action_dim
 from stable_baselines3.common.torch_layers import (
     BaseFeaturesExtractor,
+    CombinedExtractor,
     FlattenExtractor,
     create_mlp,
 )
@@ -51,7 +54,15 @@ from torch import Tensor, nn
 from flowpolicy.flows import ConditionalFlow, FlowDistribution, quasi_normal
 from flowpolicy.symmetry import Reflection, SymmetricSACPolicy
 
-__all__ = ["DEFAULT_FLOW_KWARGS", "EntropyCallback", "FlowActor", "FlowPolicy"]
+__all__ = [
+    "DEFAULT_FLOW_KWARGS",
+    "EntropyCallback",
+    "FlowActor",
+    "FlowActorPolicyMixin",
+    "FlowPolicy",
+    "MultiInputFlowPolicy",
+    "flow_settings",
+]
 
 DEFAULT_FLOW_KWARGS: dict[str, Any] = dict(
     layers=4,
@@ -87,34 +98,38 @@ def _check_spaces(
     observation_space: spaces.Space,
     action_space: spaces.Space,
     features_extractor_class: type[BaseFeaturesExtractor],
+    name: str = "FlowPolicy",
 ) -> None:
-    """Raise a ``ValueError`` naming the problem when FlowPolicy cannot handle the spaces."""
+    """Raise a ``ValueError`` naming the problem when policy ``name`` cannot take the spaces."""
     if not isinstance(action_space, spaces.Box):
         raise ValueError(
-            f"FlowPolicy needs a continuous (gymnasium.spaces.Box) action space, got "
-            f"{action_space}; a flow is a density over real vectors"
+            f"{name} needs a continuous (gymnasium.spaces.Box) action space, got "
+            f"{action_space}; a flow is a density over real vectors. For discrete actions use "
+            f"an algorithm that takes them (PPO, DQN) with SB3's own policies"
         )
     if not (action_space.low.size > 0 and action_space.is_bounded("both")):
         raise ValueError(
-            f"FlowPolicy needs a non-empty action space with finite bounds (actions are squashed "
-            f"into [-1, 1] and rescaled), got {action_space}"
+            f"{name} needs a non-empty action space with finite bounds (actions are squashed "
+            f"into [-1, 1] and rescaled), got {action_space}; give the environment finite "
+            f"bounds, e.g. gymnasium.wrappers.ClipAction over a bounded Box"
         )
     if isinstance(observation_space, spaces.Dict):
         if issubclass(features_extractor_class, FlattenExtractor):
             raise ValueError(
-                "FlowPolicy: a Dict observation space needs a features extractor that takes "
+                f"{name}: a Dict observation space needs a features extractor that takes "
                 "dicts, e.g. policy_kwargs=dict(features_extractor_class=CombinedExtractor) "
-                "(from stable_baselines3.common.torch_layers), as SB3's MultiInputPolicy does"
+                "(from stable_baselines3.common.torch_layers), as SB3's MultiInputPolicy does, "
+                "or the flow policy's MultiInput class (flowpolicy.MultiInputFlowPolicy)"
             )
     elif not isinstance(observation_space, _FLAT_OBS_SPACES):
         raise ValueError(
-            f"FlowPolicy: observation space {observation_space} is not supported by SB3's "
+            f"{name}: observation space {observation_space} is not supported by SB3's "
             f"networks; use Box, Discrete, MultiDiscrete, MultiBinary or Dict (with "
             f"CombinedExtractor), e.g. through a gymnasium FlattenObservation wrapper"
         )
     elif isinstance(observation_space, spaces.Box) and len(observation_space.shape) == 0:
         raise ValueError(
-            f"FlowPolicy: a Box observation space needs at least one dimension, got shape "
+            f"{name}: a Box observation space needs at least one dimension, got shape "
             f"{observation_space.shape}; reshape observations to (1,)"
         )
 
@@ -133,6 +148,27 @@ def _check_finite_observations(obs: PyTorchObs) -> None:
                 f"FlowPolicy: the observations{where} contain NaN or inf, which would give NaN "
                 f"actions; check the environment (SB3's VecCheckNan wrapper finds the step)"
             )
+
+
+def flow_settings(
+    flow_kwargs: dict[str, Any] | None, mode_samples: int, mode_bandwidth: float
+) -> dict[str, Any]:
+    """:data:`DEFAULT_FLOW_KWARGS` updated by ``flow_kwargs``, after checking the settings every
+    flow actor shares (``ValueError`` for keys the actor sets, ``mode_samples < 2`` or a
+    ``mode_bandwidth`` that is not a positive finite number); ConditionalFlow checks the rest."""
+    flow_kwargs = {**DEFAULT_FLOW_KWARGS, **(flow_kwargs or {})}
+    reserved = [key for key in _RESERVED_FLOW_KWARGS if key in flow_kwargs]
+    if reserved:
+        raise ValueError(
+            f"flow_kwargs: {reserved} are set by the actor from the action space and the "
+            f"latent size; leave them out"
+        )
+    if isinstance(mode_samples, bool) or not isinstance(mode_samples, int) or mode_samples < 2:
+        raise ValueError(f"mode_samples must be an integer >= 2, got {mode_samples!r}")
+    real = isinstance(mode_bandwidth, (int, float)) and not isinstance(mode_bandwidth, bool)
+    if not (real and 0 < mode_bandwidth < math.inf):
+        raise ValueError(f"mode_bandwidth must be a positive finite number, got {mode_bandwidth!r}")
+    return flow_kwargs
 
 
 class FlowActor(BasePolicy):
@@ -190,20 +226,7 @@ class FlowActor(BasePolicy):
         mode_bandwidth: float = 1.0,
         normalize_images: bool = True,
     ) -> None:
-        flow_kwargs = {**DEFAULT_FLOW_KWARGS, **(flow_kwargs or {})}
-        reserved = [key for key in _RESERVED_FLOW_KWARGS if key in flow_kwargs]
-        if reserved:
-            raise ValueError(
-                f"flow_kwargs: {reserved} are set by the actor from the action space and the "
-                f"latent size; leave them out"
-            )
-        if isinstance(mode_samples, bool) or not isinstance(mode_samples, int) or mode_samples < 2:
-            raise ValueError(f"mode_samples must be an integer >= 2, got {mode_samples!r}")
-        real = isinstance(mode_bandwidth, (int, float)) and not isinstance(mode_bandwidth, bool)
-        if not (real and 0 < mode_bandwidth < math.inf):
-            raise ValueError(
-                f"mode_bandwidth must be a positive finite number, got {mode_bandwidth!r}"
-            )
+        flow_kwargs = flow_settings(flow_kwargs, mode_samples, mode_bandwidth)
         super().__init__(
             observation_space,
             action_space,
@@ -219,7 +242,7 @@ class FlowActor(BasePolicy):
         self.mode_bandwidth = mode_bandwidth
 
         action_dim = get_action_dim(self.action_space)
-        self.latent_pi = nn.Sequential(*create_mlp(features_dim, -1, net_arch, activation_fn))
+        self.latent_pi = self.make_latent_pi(features_dim, net_arch, activation_fn)
         latent_dim = net_arch[-1] if len(net_arch) > 0 else features_dim
         self.flow = ConditionalFlow(action_dim, latent_dim, squash=True, **flow_kwargs)
         # fixed base points of the deterministic action, saved with the weights
@@ -227,6 +250,12 @@ class FlowActor(BasePolicy):
         # running sum of -mean log pi over training batches, read by pop_entropy
         self._entropy_sum: Tensor | None = None
         self._entropy_count = 0
+
+    def make_latent_pi(
+        self, features_dim: int, net_arch: list[int], activation_fn: type[nn.Module]
+    ) -> nn.Module:
+        """The latent MLP :math:`h(s)` (SB3's ``create_mlp``); subclasses add layers to it."""
+        return nn.Sequential(*create_mlp(features_dim, -1, net_arch, activation_fn))
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
@@ -303,7 +332,65 @@ class FlowActor(BasePolicy):
         return self(observation, deterministic)
 
 
-class FlowPolicy(SymmetricSACPolicy):
+class FlowActorPolicyMixin:
+    """Gives an SB3 actor-critic policy (SAC's, TQC's, CrossQ's) a :class:`FlowActor`.
+
+    Put it first among the bases, ``class P(FlowActorPolicyMixin, SomePolicy)``, and call
+    :meth:`_setup_flow` in ``__init__`` before the parent's ``__init__`` (which builds the
+    networks through :meth:`make_actor`). ``actor_class`` is the actor built; the Gaussian
+    (gSDE) settings the parent passes to its actor are dropped, and the flow's settings, defaults
+    included, are saved so that a load rebuilds the same flow.
+    """
+
+    actor_class: type[FlowActor] = FlowActor
+    actor: FlowActor
+    actor_kwargs: dict[str, Any]
+
+    def _setup_flow(
+        self,
+        use_sde: bool,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        features_extractor_class: type[BaseFeaturesExtractor],
+        flow_kwargs: dict[str, Any] | None,
+        mode_samples: int,
+        mode_bandwidth: float,
+    ) -> None:
+        """Check the arguments a flow cannot take and keep the actor's flow settings."""
+        name = type(self).__name__
+        if use_sde:
+            raise ValueError(
+                f"{name} does not support use_sde=True (gSDE perturbs a Gaussian's mean; the "
+                f"flow explores through its own base noise); pass use_sde=False to the algorithm"
+            )
+        _check_spaces(observation_space, action_space, features_extractor_class, name)
+        # read by make_actor; the flow settings are checked by ConditionalFlow there
+        self._flow_actor_kwargs = dict(
+            flow_kwargs=flow_kwargs, mode_samples=mode_samples, mode_bandwidth=mode_bandwidth
+        )
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()  # type: ignore[misc]
+        for key in _GAUSSIAN_ACTOR_KWARGS:
+            data.pop(key, None)
+        data.update(
+            flow_kwargs=self.actor.flow_kwargs,
+            mode_samples=self.actor.mode_samples,
+            mode_bandwidth=self.actor.mode_bandwidth,
+        )
+        return data
+
+    def make_actor(self, features_extractor: BaseFeaturesExtractor | None = None) -> FlowActor:
+        actor_kwargs = self._update_features_extractor(  # type: ignore[attr-defined]
+            self.actor_kwargs, features_extractor
+        )
+        for key in _GAUSSIAN_ACTOR_KWARGS:
+            actor_kwargs.pop(key, None)
+        actor = self.actor_class(**actor_kwargs, **self._flow_actor_kwargs)
+        return actor.to(self.device)  # type: ignore[attr-defined]
+
+
+class FlowPolicy(FlowActorPolicyMixin, SymmetricSACPolicy):
     r"""SAC policy (actor and critics) with a :class:`FlowActor`: ``SAC(FlowPolicy, env)``.
 
     The critics, features extractors and optimizers are SB3's
@@ -362,15 +449,14 @@ class FlowPolicy(SymmetricSACPolicy):
         symmetry: Reflection | None = None,
     ) -> None:
         # checked before SACPolicy.__init__, which builds the networks
-        if use_sde:
-            raise ValueError(
-                "FlowPolicy does not support use_sde=True (gSDE perturbs a Gaussian's mean; the "
-                "flow explores through its own base noise); use SAC(..., use_sde=False)"
-            )
-        _check_spaces(observation_space, action_space, features_extractor_class)
-        # read by make_actor; the flow settings are checked by ConditionalFlow there
-        self._flow_actor_kwargs = dict(
-            flow_kwargs=flow_kwargs, mode_samples=mode_samples, mode_bandwidth=mode_bandwidth
+        self._setup_flow(
+            use_sde,
+            observation_space,
+            action_space,
+            features_extractor_class,
+            flow_kwargs,
+            mode_samples,
+            mode_bandwidth,
         )
         super().__init__(
             observation_space,
@@ -388,23 +474,32 @@ class FlowPolicy(SymmetricSACPolicy):
             symmetry=symmetry,
         )
 
-    def _get_constructor_parameters(self) -> dict[str, Any]:
-        data = super()._get_constructor_parameters()
-        for key in _GAUSSIAN_ACTOR_KWARGS:
-            data.pop(key)
-        # the actor's settings, flow defaults included, so a load rebuilds the same flow
-        data.update(
-            flow_kwargs=self.actor.flow_kwargs,
-            mode_samples=self.actor.mode_samples,
-            mode_bandwidth=self.actor.mode_bandwidth,
-        )
-        return data
 
-    def make_actor(self, features_extractor: BaseFeaturesExtractor | None = None) -> FlowActor:
-        actor_kwargs = self._update_features_extractor(self.actor_kwargs, features_extractor)
-        for key in _GAUSSIAN_ACTOR_KWARGS:
-            actor_kwargs.pop(key)
-        return FlowActor(**actor_kwargs, **self._flow_actor_kwargs).to(self.device)
+class MultiInputFlowPolicy(FlowPolicy):
+    """:class:`FlowPolicy` for Dict observation spaces (as SB3's ``MultiInputPolicy``): the
+    features extractor defaults to SB3's ``CombinedExtractor``. Works with ``HerReplayBuffer``.
+
+    Example:
+        >>> SAC(MultiInputFlowPolicy, env, replay_buffer_class=HerReplayBuffer)
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Dict,
+        action_space: spaces.Box,
+        lr_schedule: Schedule,
+        *args: Any,
+        features_extractor_class: type[BaseFeaturesExtractor] = CombinedExtractor,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            observation_space,
+            action_space,
+            lr_schedule,
+            *args,
+            features_extractor_class=features_extractor_class,
+            **kwargs,
+        )
 
 
 class EntropyCallback(BaseCallback):
