@@ -11,8 +11,10 @@ heading around the lake on either side, :math:`a \approx (\pm 0.6, 0.6)`, low st
 :math:`Q(a) = -10 \min(\|a - (-0.6, 0.6)\|^2, \|a - (0.6, 0.6)\|^2)`. This isolates the actor from
 the critic: in full SAC the critic is learned from the actor's own data.
 
-Each actor (a state-conditioned network evaluated at one state, as in SAC) is fitted with two
-unbiased gradients of the same objective, :math:`\ell(a) = \alpha \log\pi(a) - Q(a)`:
+Each actor (a state-conditioned network evaluated at one state, as in SAC) is fitted with the two
+actor updates of ``FlowSAC(actor_gradient=...)``, whose code this example calls
+(:func:`flowpolicy.flowsac.soft_actor_loss`): two unbiased gradients of the same objective,
+:math:`\ell(a) = \alpha \log\pi(a) - Q(a)`:
 
 * ``reparam``, SAC's: the gradient of :math:`\frac1n \sum_i \ell(f_\theta(z_i))`. Once the modes
   are apart it sees their weights only through the few samples that the map sends into the gap;
@@ -45,6 +47,7 @@ from torch import nn
 from flowpolicy import ConditionalFlow
 from flowpolicy.diagnostics import action_grid, density_grid, side_mass
 from flowpolicy.flows import squashed_gaussian
+from flowpolicy.flowsac import soft_actor_loss
 
 
 @dataclass
@@ -96,17 +99,12 @@ def log_partition(alpha: float) -> float:
 
 
 def actor_loss(actor: nn.Module, alpha: float, gradient: str, batch: int) -> torch.Tensor:
-    """A surrogate whose gradient is an unbiased estimate of the gradient of J."""
-    dist = actor(OBS)
-    if gradient == "reparam":
-        actions, log_prob = dist.rsample_and_log_prob((batch,))
-        return (alpha * log_prob - critic(actions)).mean()
-    actions = dist.sample((batch,))
-    log_prob = dist.log_prob(actions)
-    with torch.no_grad():
-        cost = alpha * log_prob - critic(actions)
-        baseline = (cost.sum() - cost) / (batch - 1)  # the mean of the other samples
-    return ((cost - baseline) * log_prob).mean()
+    """FlowSAC's actor loss (the library's code) against the fixed critic, ``batch`` actions:
+    reparam, one action at each of ``batch`` copies of the state (SAC's batch); score, ``batch``
+    actions at the state, with the leave-one-out baseline over them."""
+    fixed_critic = lambda obs, actions: (critic(actions)[:, None],)  # noqa: E731 (SB3's form)
+    obs = OBS.expand(batch, -1) if gradient == "reparam" else OBS
+    return soft_actor_loss(actor, fixed_critic, obs, alpha, gradient, samples=batch)[0]
 
 
 def fit(kind: str, gradient: str, alpha: float, args: Args) -> dict:

@@ -13,6 +13,8 @@ r"""SAC on LakeCrossing, flow vs Gaussian, with every knob of the study behind t
   construction (``policy_kwargs=dict(symmetry=...)``).
 * the entropy coefficient (``--ent-coef``, ``--alpha-warmup``, ``--alpha-min``,
   ``--target-entropy``), the actor's learning-rate ratio, n-step returns, the flow's settings.
+* ``--actor-gradient score``: :class:`flowpolicy.flowsac.FlowSAC`'s score-function actor update
+  (``--score-samples`` actions per state) instead of SAC's reparameterized one.
 
 Why plain SAC ends on one route: a soft actor that is optimal for its critic keeps a mass ratio
 :math:`e^{-\Delta Q/\alpha}` between the routes, and the critic only knows the routes in its
@@ -49,6 +51,7 @@ from stable_baselines3.common.utils import set_random_seed
 import flowpolicy.envs as envs  # registers LakeCrossing-v0
 from flowpolicy import FlowPolicy
 from flowpolicy.diagnostics import QGapCallback, density_grid, side_mass
+from flowpolicy.flowsac import FlowSAC
 from flowpolicy.symmetry import MirrorReplayBuffer, SymmetricSACPolicy
 
 POLICIES = ("flow", "gaussian")
@@ -88,6 +91,10 @@ class Args:
     """store the mirror image of every transition too (uses the task's symmetry)"""
     symmetric_critic: bool = True
     """make every Q mirror-symmetric by construction: Q(s, a) = [Q(s, a) + Q(Ms, Ma)] / 2"""
+    actor_gradient: Literal["reparam", "score"] = "reparam"
+    """actor update (flowpolicy.flowsac.FlowSAC): reparam (SAC's) or score (likelihood ratio)"""
+    score_samples: int = 4
+    """actions per state of the score update"""
     learning_rate: float = 1e-3
     """Adam learning rate of actor, critics and alpha"""
     actor_lr_ratio: float = 1.0
@@ -133,7 +140,7 @@ class Args:
     """tiny budget for tests"""
 
 
-class RouteExplorationSAC(SAC):
+class RouteExplorationSAC(FlowSAC):
     """SAC whose exploration can restrict the first steps of an episode to one side.
 
     In a forced episode (the first ``explore_episodes``, then a fraction ``explore_fraction``)
@@ -141,7 +148,7 @@ class RouteExplorationSAC(SAC):
     of 32 samples of the agent's own policy with ``sign(a_x) = s`` (in the warm-up, the uniform
     action with its lateral part on side ``s``); if no sample lies on that side, the lateral
     part of the first one is mirrored. Both routes thus enter the replay buffer. The saved
-    model is a plain SAC model (``SAC.load`` reads it).
+    model is a FlowSAC model (``FlowSAC.load`` reads it).
     """
 
     def setup_exploration(self, episodes: int, fraction: float, steps: int, seed: int) -> None:
@@ -309,6 +316,8 @@ def make_model(kind: str, args: Args) -> RouteExplorationSAC:
         replay_buffer_class=MirrorReplayBuffer if args.mirror else None,
         replay_buffer_kwargs=dict(symmetry=mirror) if args.mirror else None,
         policy_kwargs=policy_kwargs,
+        actor_gradient=args.actor_gradient,
+        score_samples=args.score_samples,
         seed=args.seed,
     )
     model.setup_exploration(

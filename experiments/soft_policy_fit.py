@@ -65,6 +65,7 @@ from tqdm import tqdm
 from flowpolicy import ConditionalFlow
 from flowpolicy.diagnostics import action_grid, density_grid, region_mass, side_mass
 from flowpolicy.flows import squashed_gaussian
+from flowpolicy.flowsac import soft_actor_loss
 
 
 @dataclass
@@ -169,21 +170,22 @@ def log_partition(alpha: float, args: Args, resolution: int = 1000) -> float:
 def actor_loss(
     actor: nn.Module, obs: torch.Tensor, alpha: float, gradient: str, args: Args
 ) -> tuple[torch.Tensor, float]:
-    r"""A surrogate whose gradient is an unbiased estimate of that of
-    :math:`J = \mathbb{E}_\pi[\alpha \log \pi - Q]` (see the module docstring), and the
-    Monte-Carlo estimate of :math:`J` itself."""
-    dist = actor(obs)
-    if gradient == "reparam":
-        actions, log_prob = dist.rsample_and_log_prob((args.batch_size,))
-        loss = (alpha * log_prob - critic(actions, args)).mean()
+    r"""FlowSAC's actor loss (:func:`flowpolicy.flowsac.soft_actor_loss`, the library's code)
+    against the fixed critic, and the Monte-Carlo estimate of
+    :math:`J = \mathbb{E}_\pi[\alpha \log \pi - Q]`. ``reparam``: one action at each of
+    ``batch_size`` copies of the state (SAC's batch); ``score``: ``batch_size`` actions at the
+    state, with the leave-one-out baseline over them."""
+
+    def fixed_critic(states: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor]:
+        return (critic(actions, args)[:, None],)  # SB3's form: one (n, 1) tensor per critic
+
+    states = obs.expand(args.batch_size, -1) if gradient == "reparam" else obs
+    loss, _ = soft_actor_loss(actor, fixed_critic, states, alpha, gradient, args.batch_size)
+    if gradient == "reparam":  # the loss is the estimate of J
         return loss, loss.item()
-    with torch.no_grad():
-        actions = dist.sample((args.batch_size,))
-    log_prob = dist.log_prob(actions)
-    with torch.no_grad():
-        cost = alpha * log_prob - critic(actions, args)
-        baseline = (cost.sum() - cost) / (len(cost) - 1)  # the mean of the other samples
-    return ((cost - baseline) * log_prob).mean(), cost.mean().item()
+    with torch.no_grad():  # the score update's surrogate is not: J from fresh actions
+        actions, log_prob = actor(obs).rsample_and_log_prob((args.batch_size,))
+        return loss, (alpha * log_prob - critic(actions, args)).mean().item()
 
 
 def fit(kind: str, gradient: str, alpha: float, seed: int, obs: torch.Tensor, args: Args) -> dict:
