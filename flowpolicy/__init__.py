@@ -1,8 +1,9 @@
 """flowpolicy: normalizing-flow policies for Stable-Baselines3.
 
-Importing the package registers the ``LakeCrossing-v0`` Gymnasium environment. It loads torch and
-Gymnasium only: the Stable-Baselines3 parts (``FlowPolicy``, ``symmetry``, ``diagnostics``) and
-the density tools are imported when first used.
+Importing the package registers the ``LakeCrossing-v0`` and ``LakeCrossingGoal-v0`` Gymnasium
+environments. It loads torch and Gymnasium only: the Stable-Baselines3 parts (``FlowPolicy``,
+``FlowSAC``, the TQC/CrossQ and PPO/A2C policies, ``pretrain``, ``symmetry``, ``diagnostics``), the
+density tools and the sweep tool are imported when first used.
 """
 
 import importlib
@@ -15,13 +16,22 @@ __all__ = [
     "EntropyCallback",
     "Flow",
     "FlowActor",
+    "FlowActorCriticPolicy",
+    "FlowCrossQPolicy",
     "FlowDistribution",
     "FlowPolicy",
+    "FlowSAC",
+    "FlowTQCPolicy",
+    "MultiInputFlowActorCriticPolicy",
+    "MultiInputFlowPolicy",
+    "MultiInputFlowTQCPolicy",
     "bijectors",
     "density",
     "diagnostics",
     "envs",
+    "pretrain",
     "squashed_gaussian",
+    "sweep",
     "symmetry",
     "targets",
 ]
@@ -32,6 +42,17 @@ _LAZY = {
     "EntropyCallback": "flowpolicy.sb3",
     "FlowActor": "flowpolicy.sb3",
     "FlowPolicy": "flowpolicy.sb3",
+    "MultiInputFlowPolicy": "flowpolicy.sb3",
+    "FlowSAC": "flowpolicy.flowsac",
+    "pretrain": "flowpolicy.pretraining",
+    # sb3-contrib's algorithms (the contrib extra)
+    "FlowTQCPolicy": "flowpolicy.contrib",
+    "FlowCrossQPolicy": "flowpolicy.contrib",
+    "MultiInputFlowTQCPolicy": "flowpolicy.contrib",
+    # on-policy: PPO and A2C
+    "FlowActorCriticPolicy": "flowpolicy.onpolicy",
+    "MultiInputFlowActorCriticPolicy": "flowpolicy.onpolicy",
+    "sweep": "flowpolicy.sweep",
     "density": "flowpolicy.density",
     "diagnostics": "flowpolicy.diagnostics",
     "symmetry": "flowpolicy.symmetry",
