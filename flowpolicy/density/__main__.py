@@ -149,11 +149,11 @@ def _check_args(args: argparse.Namespace, target: _targets.Target) -> None:
         raise ValueError(f"--out: {error}") from None
 
 
-def _report(target, history, scores, device, args, out: Path) -> None:
-    """Write ``metrics.json`` and ``history.json`` to ``out`` and print the scores."""
+def _write_run(out: Path, history, device, args, **fields) -> None:
+    """Write ``metrics.json`` (``fields``, the run's speed, device and flags) and
+    ``history.json`` to ``out``."""
     metrics = {
-        "target": target.name,
-        **scores,
+        **fields,
         "steps": history.steps,
         "train_seconds": history.train_seconds,
         "steps_per_second": history.steps_per_second,
@@ -162,6 +162,11 @@ def _report(target, history, scores, device, args, out: Path) -> None:
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "history.json").write_text(json.dumps(history.to_dict()) + "\n")
+
+
+def _report(target, history, scores, device, args, out: Path) -> None:
+    """Write ``metrics.json`` and ``history.json`` to ``out`` and print the scores."""
+    _write_run(out, history, device, args, target=target.name, **scores)
     print(
         f"{target.name}: {history.steps} steps in {history.train_seconds:.1f} s "
         f"({history.steps_per_second:.0f} steps/s on {device})\n"
@@ -229,20 +234,17 @@ def _main_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     except (ValueError, TypeError) as error:
         parser.error(str(error))
     save(flow, out)
-    metrics = {
-        "data": str(args.data),
-        "rows": len(data),
-        "dim": data.shape[1],
-        "nll": history.nll[-1],
-        "nll_stderr": history.nll_stderr[-1],
-        "steps": history.steps,
-        "train_seconds": history.train_seconds,
-        "steps_per_second": history.steps_per_second,
-        "device": str(device),
-        "args": vars(args),
-    }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / "history.json").write_text(json.dumps(history.to_dict()) + "\n")
+    _write_run(
+        out,
+        history,
+        device,
+        args,
+        data=str(args.data),
+        rows=len(data),
+        dim=data.shape[1],
+        nll=history.nll[-1],
+        nll_stderr=history.nll_stderr[-1],
+    )
     print(
         f"{args.data}: {len(data)} rows of dimension {data.shape[1]}; {history.steps} steps in "
         f"{history.train_seconds:.1f} s ({history.steps_per_second:.0f} steps/s on {device})\n"
