@@ -682,6 +682,14 @@ def test_fit_data_learns_a_multimodal_density():
     assert abs(nll - history.nll[-1]) < 0.1  # the held-out split scores the same flow
 
 
+def test_progress_bar_of_a_timed_fit_counts_seconds(capsys):
+    """With a time limit (and no step budget) the bar runs over the limit's seconds, to 100%."""
+    data = _eight_gaussians(2000, 0)
+    density.fit_data(data, time_limit=2.0, progress=True, batch_size=64)
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "100%" in bar and "/2 s" in bar and "step" not in bar, bar
+
+
 def test_coupling_flow_save_load_round_trip(tmp_path):
     flow = Flow(3, layers=2, rank=1, nonlinearity="coupling", coupling_hidden=(8,), seed=0)
     with torch.no_grad():

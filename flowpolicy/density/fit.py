@@ -244,14 +244,26 @@ class _Clock:
         self.start = time.perf_counter()
 
 
-def _progress_bar(progress: bool, steps: int, device: torch.device):
+def _progress_bar(progress: bool, clock: _Clock):
+    """Steps done out of ``steps``; or, when there is a ``time_limit``, the run's progress in
+    seconds of it (the step budget may end it first, which fills the bar too)."""
     if not progress:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(
-        total=steps, desc=f"fit on {device}", unit="step", dynamic_ncols=True, mininterval=1
-    )
+    desc = f"fit on {clock.device}"
+    if clock.time_limit is None:
+        return tqdm(total=clock.steps, desc=desc, unit="step", dynamic_ncols=True, mininterval=1)
+    form = "{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]"
+    return tqdm(total=clock.time_limit, desc=desc, bar_format=form, dynamic_ncols=True)
+
+
+def _advance(bar, clock: _Clock) -> None:
+    if bar is not None:
+        if clock.time_limit is None:
+            bar.update(clock.step - bar.n)
+        else:
+            bar.update(min(clock.progress(), 1.0) * clock.time_limit - bar.n)
 
 
 def _show(bar, loss: Tensor, history: History) -> None:
@@ -371,7 +383,7 @@ def fit(
     history = History(entropy=source.entropy, device=str(device))
     setup = time.perf_counter() - called
     clock, losses = _Clock(steps, time_limit, eval_every, device, setup), []
-    bar = _progress_bar(progress, steps, device)
+    bar = _progress_bar(progress, clock)
 
     def checkpoint() -> None:  # the losses so far, and the held-out scores
         clock.pause()
@@ -391,13 +403,13 @@ def fit(
                 average.update_parameters(work)
             losses.append(loss)  # no .item() per step: it would sync a GPU every step
             clock.step += 1
-            if bar is not None:
-                bar.update()
+            _advance(bar, clock)
             if clock.eval_due():
                 checkpoint()
                 _show(bar, loss + source.log_scale, history)
         if not history.eval_step or history.eval_step[-1] != clock.step:  # the clock ended it
             checkpoint()
+        _advance(bar, clock)  # the setup alone may have spent a time limit
     except (RuntimeError, ValueError) as error:  # a diverged chain fails to build or invert
         if _finite(work) and not isinstance(error, torch.linalg.LinAlgError):
             raise
