@@ -10,11 +10,16 @@ gamma 0.9, lr 1e-3, 500 warm-up steps) and the sampled-action rollouts are measu
 
     python benchmarks/bench_pretrain.py --seeds 0 1 2
     python benchmarks/bench_pretrain.py --seeds 0 --finetune-steps 0     # pretraining only
+    # policies as separate processes side by side, then one table:
+    python benchmarks/bench_pretrain.py --policies spline --out runs/pre_spline.jsonl --no-record &
+    python benchmarks/bench_pretrain.py --policies gaussian --out runs/pre_gauss.jsonl --no-record
+    python benchmarks/bench_pretrain.py --table-from runs/pre_spline.jsonl runs/pre_gauss.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -69,17 +74,22 @@ def run(policy: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def fmt(s: dict[str, float]) -> str:
-    return f"{s['success']:.0%} ({s['cw']:.0%} / {s['ccw']:.0%}), drowned {s['drowned']:.0%}"
+    return f"{s['success']:.1%} ({s['cw']:.1%} / {s['ccw']:.1%}), drowned {s['drowned']:.1%}"
 
 
 def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
-        f"collect_demonstrations(200, seed) at its defaults; pretrain() defaults (6000 cosine "
+        f"collect_demonstrations(200, seed) at its defaults; pretrain() defaults (20000 cosine "
         f"Adam steps, batch 256, lr 1e-3, standardized inputs); SAC default networks "
         f"(256x256). {args.rollouts} rollouts per policy and mode; success (cw / ccw), "
         f"drowned. Fine-tuning: SAC gamma 0.9, lr 1e-3, 500 warm-up steps, "
         f"{args.finetune_rollouts} sampled rollouts per evaluation. The machine was shared with "
         f"other jobs (2 cores).",
+        *(
+            [f"Tabulated from {', '.join(args.table_from)}: one process per policy, side by side."]
+            if args.table_from
+            else []
+        ),  # fmt: skip
         "",
         "| policy | seed | final NLL | sampled | deterministic | fine-tuning: sampled, by step |",
         "|---|---:|---:|---|---|---|",
@@ -108,12 +118,26 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=3000)
     parser.add_argument("--eval-every", type=int, default=1000)
     parser.add_argument("--finetune-rollouts", type=int, default=100)
+    parser.add_argument("--out", default="runs/bench_pretrain.jsonl", help="results, appended")
+    parser.add_argument("--no-record", action="store_true", help="do not write BENCHMARKS.md")
+    parser.add_argument("--table-from", nargs="+", metavar="JSONL", help="train nothing: "
+                        "tabulate (and record) the runs of these --out files")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
-    results = [run(policy, seed, args) for seed in args.seeds for policy in args.policies]
+    if args.table_from:
+        results = [json.loads(line) for path in args.table_from for line in open(path)]
+    else:
+        results = []
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        for seed in args.seeds:
+            for policy in args.policies:
+                results.append(run(policy, seed, args))
+                with open(args.out, "a") as file:
+                    file.write(json.dumps(results[-1]) + "\n")
     text = table(results, args)
     print(text)
-    record(TITLE, text, threads=1)
+    if not args.no_record:
+        record(TITLE, text, threads=1)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ class Args:
 
 def main() -> None:
     args = tyro.cli(Args)
-    steps = 20 if args.tiny else 6000  # 6000: pretrain's default
+    budget = dict(steps=20) if args.tiny else {}  # else pretrain's default
     if args.tiny:
         args.demos, args.rollouts = 10, 4
     torch.set_num_threads(1)
@@ -78,7 +78,7 @@ def main() -> None:
     }
     nll = {}
     for name, model in policies.items():
-        losses = pretrain(model, demos.observations, demos.actions, steps=steps, seed=args.seed)
+        losses = pretrain(model, demos.observations, demos.actions, seed=args.seed, **budget)
         nll[name] = float(np.mean(losses[-100:]))
         print(f"{name}: final negative log-likelihood {nll[name]:.3f}")
 
