@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any
 
@@ -124,7 +125,8 @@ class FlowActionDistribution(Distribution):
 
     def _squash_term(self, values: Tensor) -> Tensor:
         """``log|d tanh(u)/du|`` summed over the action (0 without squashing), exact for any u."""
-        return _TANH.call_and_ladj(values)[1] if self.squash else values.new_zeros(())
+        # the log-det alone: tanh's value is not needed here
+        return _TANH.log_abs_det_jacobian(values, None) if self.squash else values.new_zeros(())
 
     def log_prob(self, actions: Tensor) -> Tensor:
         """Exact log-density of the squashed actions, given by their pre-tanh values ``u``."""
@@ -164,12 +166,33 @@ class FlowActionDistribution(Distribution):
         return actions, self.log_prob(actions)
 
 
+class _GainLinear(nn.Linear):
+    r"""``y = b + g W x``: a linear layer whose weights act through a fixed gain ``g``.
+
+    Adam steps each weight by about the learning rate whatever the gradient's scale, so the
+    state-dependent part :math:`g W x` moves ``g`` times slower than with ``g = 1``, while the
+    bias (the state-independent part) keeps the full rate.
+    """
+
+    def __init__(self, head: nn.Linear, gain: float) -> None:
+        super().__init__(head.in_features, head.out_features, device=head.weight.device)
+        self.gain = gain
+        with torch.no_grad():  # the same initial map as ``head``
+            self.weight.copy_(head.weight / gain)
+            self.bias.copy_(head.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight.T, alpha=self.gain)
+        return y.reshape(*x.shape[:-1], -1)
+
+
 class FlowActorCriticPolicy(ActorCriticPolicy):
     r"""Actor-critic policy for PPO and A2C whose action distribution is a state-conditioned flow.
 
     Network: SB3's features extractor and ``MlpExtractor`` (``net_arch``), a linear value head on
     the value latent, and a :class:`~flowpolicy.flows.ConditionalFlow` whose linear head
-    :math:`\theta(s) = W h_\pi(s) + b` sets every parameter of the flow from the policy latent.
+    :math:`\theta(s) = b + g\,W h_\pi(s)` sets every parameter of the flow from the policy
+    latent (``g = head_gain``, below).
 
     **What the rollout buffer stores, and why its log-prob is exact.** PPO and A2C store what
     ``forward`` returns and step the environment with ``policy.unscale_action`` of it
@@ -197,6 +220,19 @@ class FlowActorCriticPolicy(ActorCriticPolicy):
     nothing and suits ``ent_coef=0`` (PPO's default); with ``ent_coef > 0`` set
     ``entropy_samples`` (e.g. 4) for an unbiased, reparameterized entropy gradient.
 
+    **Step size of the flow's state dependence** (``head_gain``). The flow's head is
+    :math:`\theta(s) = b + g\,W h_\pi(s)` with a fixed gain :math:`g` (default 0.1) on learned
+    weights :math:`W` (the initial map is the same for every :math:`g`). Adam moves each weight by
+    about the learning rate per step, so with :math:`g = 1` every one of the flow's spread
+    parameters (a log-diagonal per affine layer, a log-slope per PReLU: 9 of them at 4 layers)
+    moves by up to :math:`\|h_\pi\|_1 \cdot` lr (about 40 lr for 64 tanh units) per
+    minibatch, where SB3's Gaussian moves its one ``log_std`` by lr. At rl-zoo3's PPO settings
+    for Pendulum-v1 (lr 1e-3, 10 epochs of 64-sample minibatches) PPO's approximate KL over the
+    first update was then 0.10 to 1.8 (3 seeds; SB3's Gaussian: 0.002 to 0.004), the spread ran
+    away (pre-tanh std 0.8 to 24-37 after two updates: bang-bang actions) and the return stayed
+    near -1300. With :math:`g = 0.1` the first update's KL is 0.011 to 0.045 and the flow learns
+    Pendulum (see BENCHMARKS.md). The bias keeps the full rate, as the Gaussian's ``log_std``.
+
     gSDE (``use_sde=True``) perturbs a Gaussian's mean; the flow explores through its own base
     noise, so it raises a ``ValueError``.
 
@@ -223,6 +259,8 @@ class FlowActorCriticPolicy(ActorCriticPolicy):
     :param mode_samples: Fixed base samples searched for the deterministic action.
     :param mode_bandwidth: Factor on Scott's bandwidth of the deterministic action's mass score.
     :param entropy_samples: Samples per state of the entropy estimate; ``0``: no estimate (free).
+    :param head_gain: Gain :math:`g` on the weights of the flow's head (its step size relative
+        to the optimizer's, see above); ``1``: plain linear head.
     """
 
     action_dist: FlowActionDistribution
@@ -247,6 +285,7 @@ class FlowActorCriticPolicy(ActorCriticPolicy):
         mode_samples: int = 64,
         mode_bandwidth: float = 1.0,
         entropy_samples: int = 0,
+        head_gain: float = 0.1,
     ) -> None:
         name = type(self).__name__
         if use_sde:
@@ -263,10 +302,17 @@ class FlowActorCriticPolicy(ActorCriticPolicy):
             raise ValueError(
                 f"entropy_samples must be >= 0 (0: no estimate), got {entropy_samples}"
             )
+        real = isinstance(head_gain, (int, float)) and not isinstance(head_gain, bool)
+        if not (real and 0 < head_gain < math.inf):
+            raise ValueError(
+                f"head_gain must be a positive finite number (1: plain linear head), got "
+                f"{head_gain!r}"
+            )
         # read by _build, which ActorCriticPolicy.__init__ calls
         self.flow_kwargs = flow_settings(flow_kwargs, mode_samples, mode_bandwidth)
         self.squash, self.mode_samples = squash, mode_samples
         self.mode_bandwidth, self.entropy_samples = mode_bandwidth, entropy_samples
+        self.head_gain = float(head_gain)
         super().__init__(
             observation_space,
             action_space,
@@ -309,6 +355,7 @@ class FlowActorCriticPolicy(ActorCriticPolicy):
             mode_samples=self.mode_samples,
             mode_bandwidth=self.mode_bandwidth,
             entropy_samples=self.entropy_samples,
+            head_gain=self.head_gain,
         )
         return data
 
@@ -320,6 +367,10 @@ class FlowActorCriticPolicy(ActorCriticPolicy):
         self.flow = ConditionalFlow(
             action_dim, self.mlp_extractor.latent_dim_pi, squash=False, **self.flow_kwargs
         )
+        # one gain for every output: measured, sparing the location (the last layer's shift, the
+        # Gaussian's mean) from it learned Pendulum as well but LakeCrossing worse (deterministic
+        # success 0, 0, 0.19 over 3 seeds at 20k steps, against 1, 1, 0)
+        self.flow.hyper[-1] = _GainLinear(self.flow.hyper[-1], self.head_gain)
         self.register_buffer("mode_noise", quasi_normal(self.mode_samples, action_dim))
         self.action_dist = FlowActionDistribution(
             self.squash, self.entropy_samples, self.mode_bandwidth

@@ -9,6 +9,8 @@ import torch
 from gymnasium import spaces
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.torch_layers import FlattenExtractor
 
 from flowpolicy.onpolicy import FlowActorCriticPolicy
@@ -42,7 +44,7 @@ def make_policy(nonlinearity="prelu", squash=True, float64=False, **kwargs):
         **kwargs,
     )
     with torch.no_grad():  # a state-dependent flow, as after training
-        policy.flow.hyper[-1].weight.normal_(0.0, 0.05)
+        policy.flow.hyper[-1].weight.normal_(0.0, 0.05 / policy.head_gain)
     return policy.double() if float64 else policy
 
 
@@ -148,14 +150,45 @@ def test_saturated_samples_keep_their_pre_tanh_value_and_a_consistent_log_prob()
 
 
 def test_ppo_learns_a_contextual_bandit():
-    # Pendulum needs ~1e5 steps with PPO (minutes): benchmarks/bench_ppo.py. This task has a
-    # clear signal in 4k steps; a broken policy gradient (or a state-independent flow) fails.
+    # A clear signal in 4k steps (Pendulum: the slow test below); a broken policy gradient (or a
+    # state-independent flow) fails.
     env = make_vec_env(TargetBandit, n_envs=8, seed=0)
     model = PPO(FlowActorCriticPolicy, env, n_steps=64, batch_size=128, learning_rate=3e-3, seed=0)
     before = bandit_error(model)
     model.learn(4096)
     after = bandit_error(model)
     assert before > 0.3 and after < 0.12, (before, after)
+
+
+# rl-baselines3-zoo's PPO settings for Pendulum-v1 (without gSDE, which a flow has not)
+ZOO_PENDULUM = dict(
+    n_steps=1024, gae_lambda=0.95, gamma=0.9, n_epochs=10, ent_coef=0.0, learning_rate=1e-3
+)
+
+
+def test_first_ppo_update_at_zoo_settings_stays_near_the_trust_region():
+    # One update is 640 Adam steps at lr 1e-3. With head_gain=1 (a plain linear head) the flow's
+    # spread outputs each moved by up to ~40 lr per step: approximate KL over the first update
+    # 0.64 / 1.8 / 0.10 (seeds 0 / 1 / 2), the spread ran away and PPO never learned Pendulum.
+    # With the default 0.1: 0.045 / 0.026 / 0.011 (SB3's Gaussian: 0.002 to 0.004).
+    env = make_vec_env("Pendulum-v1", n_envs=4, seed=0)
+    model = PPO(FlowActorCriticPolicy, env, seed=0, **ZOO_PENDULUM)
+    model.learn(4096)
+    kl = model.logger.name_to_value["train/approx_kl"]
+    assert kl < 0.15, kl
+
+
+@pytest.mark.slow
+def test_ppo_learns_pendulum_at_zoo_settings():
+    # 11 updates (~1 min). Measured: -229 (head_gain=0.1); the plain head (head_gain=1) ran its
+    # spread away and diverged to NaN; a broken gradient stays near -1300 (random: about -1200).
+    env = make_vec_env("Pendulum-v1", n_envs=4, seed=0)
+    model = PPO(FlowActorCriticPolicy, env, seed=0, **ZOO_PENDULUM)
+    model.learn(45_056)
+    eval_env = Monitor(gym.make("Pendulum-v1"))
+    eval_env.reset(seed=0)
+    returns, _ = evaluate_policy(model, eval_env, 5, deterministic=True)
+    assert returns > -800, returns
 
 
 def test_a2c_runs_and_moves_toward_the_target():
@@ -182,13 +215,14 @@ def test_entropy_estimate_is_reparameterized_and_within_its_standard_error():
 
 @pytest.mark.parametrize(("nonlinearity", "squash"), [("prelu", True), ("spline", False)])
 def test_save_load_round_trip_gives_identical_actions_and_log_probs(tmp_path, nonlinearity, squash):
-    kwargs = dict(flow_kwargs=dict(nonlinearity=nonlinearity, layers=2), squash=squash)
+    flow_kwargs = dict(nonlinearity=nonlinearity, layers=2)
+    kwargs = dict(flow_kwargs=flow_kwargs, squash=squash, head_gain=0.5)
     model = PPO(FlowActorCriticPolicy, "Pendulum-v1", n_steps=64, policy_kwargs=kwargs, seed=0)
     model.learn(64)
     model.save(tmp_path / "ppo")
     loaded = PPO.load(tmp_path / "ppo")
     assert loaded.policy.flow_kwargs == model.policy.flow_kwargs
-    assert loaded.policy.squash is squash
+    assert loaded.policy.squash is squash and loaded.policy.head_gain == 0.5
     obs = np.random.default_rng(0).uniform(-1, 1, (16, 3)).astype(np.float32)
     for deterministic in (True, False):
         torch.manual_seed(0)
@@ -222,6 +256,9 @@ def test_refuses_gsde_and_bad_settings():
         FlowActorCriticPolicy(OBS_SPACE, ACTION_SPACE, constant_lr, flow_kwargs=dict(squash=False))
     with pytest.raises(ValueError, match="entropy_samples"):
         FlowActorCriticPolicy(OBS_SPACE, ACTION_SPACE, constant_lr, entropy_samples=-1)
+    for gain in (0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="head_gain"):
+            FlowActorCriticPolicy(OBS_SPACE, ACTION_SPACE, constant_lr, head_gain=gain)
     with pytest.raises(ValueError, match="Box"):
         FlowActorCriticPolicy(OBS_SPACE, spaces.Discrete(3), constant_lr)
 
