@@ -13,8 +13,8 @@ actor differs. Every ``--eval-every`` steps both are evaluated on the same goals
 The table gives, per policy and seed, the first evaluation with stochastic success >= 90%,
 and the final values. Finished runs are appended as JSON lines to ``--out``.
 
-    python benchmarks/bench_her.py                    # 2 seeds x 20k steps, sparse reward
-    python benchmarks/bench_her.py --distance-weight 1 --lake-penalty 200   # dense reward
+    python benchmarks/bench_her.py                    # 2 seeds x 20k steps
+    python benchmarks/bench_her.py --shaping-weight 0  # the sparse reward (-1.5 per step)
     python benchmarks/bench_her.py --seeds 0 --steps 3000 --no-record   # a quick check
     # policies as separate processes side by side, then one table:
     python benchmarks/bench_her.py --policies flow --out runs/her_flow.jsonl --no-record &
@@ -46,18 +46,22 @@ from _record import record  # noqa: E402
 
 TITLE = "SAC + HER on the goal-conditioned lake, flow vs Gaussian (bench_her.py)"
 AXIS_GOAL = (0.0, 1.7)
-ENV_KWARGS: dict[str, Any] = {}  # set from the command line (--distance-weight, ...)
+ENV_KWARGS: dict[str, Any] = {}  # set from the command line (--shaping-weight, ...)
 POLICIES = {"flow": MultiInputFlowPolicy, "gaussian": "MultiInputPolicy"}
 
-# SAC + HER settings, rl-baselines3-zoo's FetchReach ones (gamma 0.95, lr 1e-3, batch 256,
-# 'future' goals x4) with 1000 random steps first; the same as examples/zoo/sac.yml
+# SAC + HER settings, as examples/zoo/sac.yml: rl-baselines3-zoo's FetchReach ones (lr 1e-3,
+# batch 256, 'future' goals x4) with LakeCrossing-v0's gamma 0.9, 1000 random steps first, and
+# copy_info_dict=True, since the environment's shaped reward reads the step's previous position
+# from info when HER relabels goals
 SETTINGS: dict[str, Any] = dict(
     learning_rate=1e-3,
     batch_size=256,
-    gamma=0.95,
+    gamma=0.9,
     learning_starts=1000,
     replay_buffer_class=HerReplayBuffer,
-    replay_buffer_kwargs=dict(goal_selection_strategy="future", n_sampled_goal=4),
+    replay_buffer_kwargs=dict(
+        goal_selection_strategy="future", n_sampled_goal=4, copy_info_dict=True
+    ),
 )
 
 
@@ -156,9 +160,8 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"\n{args.steps} steps per run, evaluated every {args.eval_every} steps on "
         f"{args.eval_episodes} episodes (random goals of the environment's sector, the same "
         f"goals for both policies; the axis goal {AXIS_GOAL}); LakeCrossingGoal-v0 with "
-        f"distance_weight={args.distance_weight}, lake_penalty={args.lake_penalty}; SAC + "
-        f"HerReplayBuffer "
-        f"('future', 4 goals), lr 1e-3, batch 256, gamma 0.95, ent_coef {args.ent_coef}, "
+        f"{ENV_KWARGS or 'its default reward'}; SAC + HerReplayBuffer ('future', 4 goals, "
+        f"copy_info_dict), lr 1e-3, batch 256, gamma 0.9, ent_coef {args.ent_coef}, "
         f"{args.hidden}x{args.hidden} "
         f"networks, 1000 random steps first. The flow is MultiInputFlowPolicy at its defaults "
         f"(4 PReLU layers, rank 1). One torch thread; the 2-core machine was shared with other "
@@ -185,13 +188,15 @@ def main() -> None:
         help="train nothing: tabulate (and record) runs from these --out files, e.g. of the "
         "policies run as separate processes side by side",
     )
-    parser.add_argument(
-        "--distance-weight", type=float, default=0.0, help="the env's dense reward weight"
-    )
-    parser.add_argument("--lake-penalty", type=float, default=50.0, help="the env's lake_penalty")
+    for name in ("shaping_weight", "step_cost", "home_bonus", "lake_penalty"):
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", type=float, help=f"the env's {name} (its default)"
+        )
     parser.add_argument("--ent-coef", default="auto", help="SAC's ent_coef, e.g. auto_0.1")
     args = parser.parse_args()
-    ENV_KWARGS.update(distance_weight=args.distance_weight, lake_penalty=args.lake_penalty)
+    for name in ("shaping_weight", "step_cost", "home_bonus", "lake_penalty"):
+        if getattr(args, name) is not None:
+            ENV_KWARGS[name] = getattr(args, name)
     SETTINGS["ent_coef"] = args.ent_coef
     torch.set_num_threads(1)
 

@@ -9,8 +9,9 @@ when :mod:`flowpolicy.envs` is imported (``"flowpolicy:LakeCrossingGoal-v0"`` im
 Example:
     >>> from stable_baselines3 import SAC, HerReplayBuffer
     >>> from flowpolicy import MultiInputFlowPolicy
-    >>> model = SAC(MultiInputFlowPolicy, "LakeCrossingGoal-v0",
-    ...             replay_buffer_class=HerReplayBuffer)
+    >>> model = SAC(MultiInputFlowPolicy, "LakeCrossingGoal-v0", gamma=0.9,
+    ...             replay_buffer_class=HerReplayBuffer,
+    ...             replay_buffer_kwargs=dict(copy_info_dict=True))
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 from gymnasium import spaces
 
-from .geometry import LakeGeometry, _pair, geodesic_distance
+from .geometry import LakeGeometry, _pair
 from .lake import LakeCrossingEnv
 from .rendering import FrameRenderer
 
@@ -57,32 +58,40 @@ class LakeCrossingGoalEnv(LakeCrossingEnv):
     goal_angle)*,
 
     uniform over the annular sector `goal_distance = (d_min, d_max)` (default `(1.4, 2.0)` for a
-    unit lake) and `goal_angle` (degrees, default 30). Each goal is rounded to float32 so that
-    `desired_goal` is exactly the goal. `reset(options={"goal": (x, y)})` sets the goal instead
-    (a home disk overlapping the lake or outside the arena raises `ValueError`).
+    unit lake) and `goal_angle` (degrees, default 30). `reset(options={"goal": (x, y)})` sets
+    the goal instead (a home disk overlapping the lake or outside the arena raises
+    `ValueError`). Each goal, drawn or given, is rounded to float32 so that `desired_goal` is
+    exactly the goal.
 
     ## Rewards
 
-    The reward is a function of the next position `p'` (`achieved_goal`) and the goal alone,
-    as HER needs, so LakeCrossing's shaping (which depends on the previous position too) is
-    off:
+    LakeCrossing's reward, with this episode's goal as home. With `p` the position before and
+    `p'` after the step:
 
-    *r = -step_cost + home_bonus * [|p' - g| <= home_radius and p' dry] - lake_penalty * [p'
-    in the lake] - distance_weight * phi_g(p')*
+    *r = -step_cost + shaping_weight * (phi_g(p) - phi_g(p')) + home_bonus * [|p' - g| <=
+    home_radius and p' dry] - lake_penalty * [p' in the lake]*
 
-    with `phi_g(p')` the length of the shortest dry path from `p'` into the goal disk
-    (LakeCrossing's potential for home at `g`). With the defaults, `distance_weight = 0`: `-1`
-    per step, `0` on reaching the goal (Gymnasium-Robotics' sparse convention) and `-51` on
-    drowning:
-    `lake_penalty = 50` exceeds `1 / (1 - gamma)` for `gamma <= 0.98`, the discounted cost of
-    wandering forever, so drowning never pays as a way to stop the step cost.
-    `distance_weight > 0` adds a dense term, as Gymnasium-Robotics' `reward_type="dense"` (minus
-    the distance), with the distance around the lake. Keep it small: an agent that stays put
-    pays `step_cost + distance_weight * phi` per step, and once that exceeds
-    `(1 - gamma) * (lake_penalty + step_cost)`, walking into the lake is worth more to the
-    critic than waiting (with `gamma = 0.95` and `phi` up to 4 in the default sector,
-    `distance_weight <= 0.35`). :meth:`compute_reward` gives the same reward for batches of
-    goals.
+    with `phi_g` the length of the shortest dry path into the goal disk (LakeCrossing's
+    potential for home at `g`). The defaults are LakeCrossing's (`step_cost = 1.5`,
+    `shaping_weight = 20`, `lake_penalty = 25`) except `home_bonus = 1.5 = step_cost`, so that
+    a step that ends in the goal disk earns exactly `0` (the shaping is `0` there too). HER
+    relabels a stored transition with a goal reached later in its episode but keeps the
+    stored `terminated` flag, so relabelled transitions can end in a goal disk and carry on;
+    with a reward of `0` there, carrying on is worth what termination is worth (`0`), whereas
+    a large bonus would be paid again at every relabelled step spent in the disk. A return
+    from the default start along the geodesic (23 steps) is about
+    `20 * 3.35 + 1.5 - 1.5 * 23 = 34`; drowning costs `lake_penalty`, and waiting forever
+    costs `step_cost / (1 - gamma) = 15` at `gamma = 0.9`, less than drowning.
+
+    The shaping needs `p`, which is not in (`achieved_goal`, `desired_goal`): the step puts it
+    in `info["previous_position"]`, and :meth:`compute_reward` reads it from `info` (one dict,
+    or an array of dicts for a batch). With `HerReplayBuffer`, pass
+    `replay_buffer_kwargs=dict(copy_info_dict=True)` so that it hands the infos over (without
+    them `compute_reward` raises `ValueError` saying so). `shaping_weight = 0` gives the
+    sparse reward (`-1.5` per step, `0` on reaching the goal, `-26.5` on drowning), which
+    needs no info but learns far slower: random actions from the start drown in about 60% of
+    episodes and never come within `home_radius` of a goal in the sector, so HER's
+    relabelled goals all lie close to the start.
 
     ## Episode End
 
@@ -94,7 +103,7 @@ class LakeCrossingGoalEnv(LakeCrossingEnv):
 
     ## Arguments
 
-    `goal_distance`, `goal_angle`, `distance_weight` and the reward weights above, and
+    `goal_distance`, `goal_angle`, the reward weights above, and
     LakeCrossing's layout arguments (`lake_center`, `lake_radius`, `start`, `home`, which sets
     "north", `home_radius`, the goal tolerance, `max_speed`, `start_noise`, `arena_half_size`,
     `render_size`).
@@ -106,22 +115,16 @@ class LakeCrossingGoalEnv(LakeCrossingEnv):
         *,
         goal_distance: Sequence[float] = (1.4, 2.0),
         goal_angle: float = 30.0,
-        step_cost: float = 1.0,
-        home_bonus: float = 1.0,
-        lake_penalty: float = 50.0,
-        distance_weight: float = 0.0,
+        step_cost: float = 1.5,
+        shaping_weight: float = 20.0,
+        home_bonus: float = 1.5,
+        lake_penalty: float = 25.0,
         **layout: Any,
     ) -> None:
-        if "shaping_weight" in layout:
-            raise ValueError(
-                "LakeCrossingGoal has no shaping_weight: HER recomputes rewards from "
-                "(achieved_goal, desired_goal) alone, and the shaping needs the previous "
-                "position; use LakeCrossing-v0 for a shaped reward"
-            )
         super().__init__(
             render_mode,
             step_cost=step_cost,
-            shaping_weight=0.0,
+            shaping_weight=shaping_weight,
             home_bonus=home_bonus,
             lake_penalty=lake_penalty,
             **layout,
@@ -139,12 +142,6 @@ class LakeCrossingGoalEnv(LakeCrossingEnv):
                 f"goal_angle must be in [0, 90) degrees (goals north of the lake), got "
                 f"{goal_angle!r}"
             )
-        weight = float(distance_weight)
-        if not (math.isfinite(weight) and weight >= 0.0):
-            raise ValueError(
-                f"distance_weight must be a finite number >= 0, got {distance_weight!r}"
-            )
-        self.distance_weight = weight
         self.goal_distance = (d_min, d_max)
         self.goal_angle = angle
         # the sector's corners must be valid homes (dry, in the arena): checked once here
@@ -202,6 +199,8 @@ class LakeCrossingGoalEnv(LakeCrossingEnv):
         options = dict(options or {})
         if options.get("goal") is not None:
             goal = _pair(options.pop("goal"), "options['goal']")
+            # rounded as the drawn goals are, so that desired_goal is exactly the goal
+            goal = tuple(np.asarray(goal, dtype=np.float32).astype(np.float64).tolist())
         else:
             options.pop("goal", None)
             goal = tuple(self.sample_goal())
@@ -215,10 +214,16 @@ class LakeCrossingGoalEnv(LakeCrossingEnv):
     def step(
         self, action: np.ndarray
     ) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
-        position, reward, terminated, truncated, info = super().step(action)
-        if self.distance_weight > 0.0:
-            reward -= self.distance_weight * self._phi  # the parent's potential for home = goal
-        return self._observation(position), reward, terminated, truncated, info
+        # the position before the step, as the float32 observation had it: compute_reward reads
+        # it from info, since the shaping term needs it and HER passes only info along
+        previous = np.array((self._x, self._y), dtype=np.float32)
+        position, _, terminated, truncated, info = super().step(action)
+        info["previous_position"] = previous
+        observation = self._observation(position)
+        # the reward from the float32 positions and goal that HER stores, so that relabelling
+        # a transition with its own goal gives back exactly this reward
+        reward = float(self.compute_reward(observation["achieved_goal"], self.goal, info))
+        return observation, reward, terminated, truncated, info
 
     def compute_reward(
         self, achieved_goal: np.ndarray, desired_goal: np.ndarray, info: Any = None
@@ -226,7 +231,10 @@ class LakeCrossingGoalEnv(LakeCrossingEnv):
         """The step's reward for next positions ``achieved_goal`` and goals ``desired_goal``.
 
         Vectorized over leading dimensions, ``(..., 2)`` -> ``(...)`` (float64), as
-        ``HerReplayBuffer`` calls it with relabelled goals; ``info`` is not needed.
+        ``HerReplayBuffer`` calls it with relabelled goals. With ``shaping_weight > 0``,
+        ``info`` must carry the step's ``"previous_position"``: one info dict (a single step) or
+        an array of them shaped as the leading dimensions, which ``HerReplayBuffer`` passes
+        with ``copy_info_dict=True``.
         """
         p = np.asarray(achieved_goal, dtype=np.float64)
         g = np.asarray(desired_goal, dtype=np.float64)
@@ -241,17 +249,60 @@ class LakeCrossingGoalEnv(LakeCrossingEnv):
         d = p - g
         success = ~drowned & (np.einsum("...i,...i->...", d, d) <= layout.home_radius**2)
         reward = -self.step_cost + self.home_bonus * success - self.lake_penalty * drowned
-        if self.distance_weight > 0.0:
-            reward = reward - self.distance_weight * self._goal_distances(p, g)
+        if self.shaping_weight > 0.0:
+            before = self._previous_positions(info, np.broadcast_shapes(p.shape, g.shape))
+            reward = reward + self.shaping_weight * (
+                self._goal_distances(before, g) - self._goal_distances(p, g)
+            )
         return reward
 
+    def _previous_positions(self, info: Any, shape: tuple[int, ...]) -> np.ndarray:
+        """``info["previous_position"]`` of each step, shape ``shape`` (``(..., 2)``)."""
+        infos = np.asarray(info if not isinstance(info, dict) else [info], dtype=object)
+        try:
+            flat = [step["previous_position"] for step in infos.reshape(-1)]
+        except (KeyError, TypeError):
+            flat = None
+        if not flat or len(flat) * 2 != math.prod(shape):
+            raise ValueError(
+                "compute_reward: the shaped reward (shaping_weight > 0) needs each step's "
+                "info['previous_position']; pass the step infos (with HerReplayBuffer: "
+                "replay_buffer_kwargs=dict(copy_info_dict=True)), or make the environment "
+                "with shaping_weight=0 for the sparse reward"
+            )
+        return np.asarray(flat, dtype=np.float64).reshape(shape)
+
     def _goal_distances(self, p: np.ndarray, g: np.ndarray) -> np.ndarray:
-        """phi_g(p) = max(0, geodesic(p, g) - home_radius) for each pair, shape ``(...)``."""
+        """phi_g(p) = max(0, geodesic(p, g) - home_radius) for each pair, shape ``(...)``.
+
+        :func:`~flowpolicy.envs.geodesic_distance` with numpy arrays for whole batches (HER
+        calls this twice per gradient step); a point in the lake counts as the shore point
+        radially outward of it, as in the environment's step.
+        """
         layout = self._layout
-        shape = np.broadcast_shapes(p.shape, g.shape)
-        pairs = zip(
-            np.broadcast_to(p, shape).reshape(-1, 2), np.broadcast_to(g, shape).reshape(-1, 2)
+        c, radius = np.asarray(layout.lake_center), layout.lake_radius
+        p, q = np.broadcast_arrays(p - c, g - c)
+        p, q = _project_out(p, q, radius), _project_out(q, p, radius)
+        p2 = np.einsum("...i,...i->...", p, p)
+        q2 = np.einsum("...i,...i->...", q, q)
+        cross = np.abs(p[..., 0] * q[..., 1] - p[..., 1] * q[..., 0])
+        theta = np.arctan2(cross, np.einsum("...i,...i->...", p, q))
+        p_ang = np.arccos(np.minimum(radius / np.sqrt(p2), 1.0))
+        q_ang = np.arccos(np.minimum(radius / np.sqrt(q2), 1.0))
+        around = (
+            np.sqrt(np.maximum(p2 - radius**2, 0.0))
+            + np.sqrt(np.maximum(q2 - radius**2, 0.0))
+            + radius * (theta - p_ang - q_ang)
         )
-        center, radius, tolerance = layout.lake_center, layout.lake_radius, layout.home_radius
-        flat = [max(0.0, geodesic_distance(a, b, center, radius) - tolerance) for a, b in pairs]
-        return np.asarray(flat, dtype=np.float64).reshape(shape[:-1])
+        straight = np.linalg.norm(p - q, axis=-1)
+        geodesic = np.where(theta <= p_ang + q_ang, straight, around)
+        return np.maximum(geodesic - layout.home_radius, 0.0)
+
+
+def _project_out(p: np.ndarray, q: np.ndarray, radius: float) -> np.ndarray:
+    """Points of ``p`` inside the disk projected radially onto its shore (the centre: opposite
+    the matching ``q``), as :func:`~flowpolicy.envs.geodesic_distance` does."""
+    d = np.linalg.norm(p, axis=-1, keepdims=True)
+    away = -q / np.maximum(np.linalg.norm(q, axis=-1, keepdims=True), 1e-300)
+    direction = np.where(d > 0.0, p / np.where(d > 0.0, d, 1.0), away)
+    return np.where(d >= radius, p, radius * direction)

@@ -12,7 +12,7 @@ from stable_baselines3 import SAC, HerReplayBuffer
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import flowpolicy.envs  # noqa: F401  (registers the environments)
-from flowpolicy.envs import LakeCrossingGoalEnv
+from flowpolicy.envs import LakeCrossingGoalEnv, geodesic_distance
 from flowpolicy.sb3 import MultiInputFlowPolicy
 
 
@@ -61,9 +61,9 @@ def _transitions(env, episodes):
     return records
 
 
-@pytest.mark.parametrize("distance_weight", [0.0, 0.5])
-def test_compute_reward_is_vectorized_and_equals_the_step_rewards(distance_weight):
-    env = gym.make("LakeCrossingGoal-v0", distance_weight=distance_weight)
+@pytest.mark.parametrize("shaping_weight", [0.0, 20.0])
+def test_compute_reward_is_vectorized_and_equals_the_step_rewards(shaping_weight):
+    env = gym.make("LakeCrossingGoal-v0", shaping_weight=shaping_weight)
     near_goal = {"start": (1.3, 1.2), "goal": (1.3, 1.55)}  # 0.35 north of the start
     episodes = [(None, False)] * 6 + [(None, True), (near_goal, True)]
     records = _transitions(env, episodes)
@@ -74,28 +74,58 @@ def test_compute_reward_is_vectorized_and_equals_the_step_rewards(distance_weigh
     lake = env.unwrapped
     batch = lake.compute_reward(achieved, desired, infos)
     assert batch.shape == rewards.shape
-    # exact for the sparse reward; the dense term is the same geodesic computed per goal (from
-    # float32 positions in compute_reward, float64 ones in step)
-    np.testing.assert_allclose(batch, rewards, rtol=0, atol=1e-6 * (distance_weight > 0))
+    np.testing.assert_array_equal(batch, rewards)
     single = [lake.compute_reward(a, d, i) for a, d, i in zip(achieved, desired, infos)]
     np.testing.assert_array_equal(np.array(single), batch)
     # the three cases occurred: step, drowning and success
     drowned = np.array([i["drowned"] for i in infos])
     success = np.array([i["success"] for i in infos])
     assert drowned.any() and success.any()
-    np.testing.assert_array_equal(rewards[success], 0.0)  # inside the goal disk: distance 0
-    assert np.all(rewards[drowned] <= -51.0) and np.all(rewards[~drowned & ~success] <= -1.0)
-    if distance_weight == 0.0:
-        assert set(np.unique(rewards)) == {-1.0, -51.0, 0.0}
-    else:  # farther from the goal (around the lake) costs more
-        far = lake.compute_reward(np.array([0.0, -2.0]), np.array([0.0, 1.6]), None)
-        near = lake.compute_reward(np.array([0.0, 2.2]), np.array([0.0, 1.6]), None)
-        assert far < near < -1.0
-    # relabelling: a transition's own position as the goal is a success (unless drowned)
-    np.testing.assert_array_equal(lake.compute_reward(achieved, achieved, None)[~drowned], 0.0)
+    if shaping_weight == 0.0:
+        assert set(np.unique(rewards)) == {-1.5, -26.5, 0.0}
+    else:  # progress around the lake towards the goal pays, moving away costs
+        assert rewards[~drowned & ~success].max() > 0 > rewards[~drowned & ~success].min()
+    # relabelling: a transition's own position as the goal is worth 0, exactly what the
+    # termination that HER's relabelled transitions lack would be worth
+    np.testing.assert_array_equal(lake.compute_reward(achieved, achieved, infos)[~drowned], 0.0)
     # leading batch dimensions, as HER's (batch, n_envs) would be
-    grid = lake.compute_reward(achieved[None].repeat(3, 0), desired[None].repeat(3, 0), None)
+    grid = lake.compute_reward(
+        achieved[None].repeat(3, 0), desired[None].repeat(3, 0), infos[None].repeat(3, 0)
+    )
     assert grid.shape == (3, len(rewards))
+    np.testing.assert_array_equal(grid[1], batch)
+
+
+def test_batched_goal_distance_is_the_geodesic_to_the_goal_disk():
+    lake = LakeCrossingGoalEnv()
+    rng = np.random.default_rng(0)
+    points = rng.uniform(-3.0, 3.0, (3000, 2))
+    goals = rng.uniform(-3.0, 3.0, (3000, 2))
+    points[:3] = 0.0  # the lake's centre, a special case of the projection onto the shore
+    points[3:6] = goals[3:6]
+    points[6:500] *= 0.3  # many points in the lake (drowned positions, relabelled goals too)
+    batch = lake._goal_distances(points, goals)
+    radius = lake.home_radius
+    expected = [max(0.0, geodesic_distance(p, g) - radius) for p, g in zip(points, goals)]
+    np.testing.assert_allclose(batch, expected, rtol=0, atol=1e-12)
+    # home_distance is the step's own potential; same value for goal = home
+    home = np.broadcast_to(lake.home, points.shape)
+    step_phi = [lake.geometry.home_distance(*p) for p in points]
+    np.testing.assert_allclose(lake._goal_distances(points, home), step_phi, atol=1e-12)
+
+
+def test_shaped_reward_without_infos_names_the_fix():
+    env = gym.make("LakeCrossingGoal-v0")
+    start, _ = env.reset(seed=0)
+    obs, reward, *_, info = env.step(np.array([1.0, 0.0], np.float32))
+    assert np.array_equal(info["previous_position"], start["observation"])
+    achieved, desired = obs["achieved_goal"][None], obs["desired_goal"][None]
+    for infos in (None, [{}], np.array([{}, {}], dtype=object)):
+        with pytest.raises(ValueError, match="copy_info_dict=True"):
+            env.unwrapped.compute_reward(achieved, desired, infos)
+    # the sparse reward needs no info
+    sparse = LakeCrossingGoalEnv(shaping_weight=0.0)
+    assert sparse.compute_reward(achieved, desired, None).tolist() == [-1.5]
 
 
 def test_bad_goals_and_settings_raise():
@@ -103,13 +133,11 @@ def test_bad_goals_and_settings_raise():
     with pytest.raises(ValueError, match="not a valid home"):
         env.reset(options={"goal": (0.0, 0.5)})  # in the lake
     with pytest.raises(ValueError, match="shaping_weight"):
-        LakeCrossingGoalEnv(shaping_weight=20.0)
+        LakeCrossingGoalEnv(shaping_weight=-1.0)
     with pytest.raises(ValueError, match="goal_angle"):
         LakeCrossingGoalEnv(goal_angle=95.0)
     with pytest.raises(ValueError, match="goal_distance"):
         LakeCrossingGoalEnv(goal_distance=(1.1, 2.0))  # the home disk would overlap the lake
-    with pytest.raises(ValueError, match="distance_weight"):
-        LakeCrossingGoalEnv(distance_weight=-1.0)
     with pytest.raises(ValueError, match="compute_reward"):
         env.unwrapped.compute_reward(np.zeros(3), np.zeros(3), None)
 
@@ -129,7 +157,9 @@ def test_sac_her_with_the_dict_flow_policy():
         MultiInputFlowPolicy,
         env,
         replay_buffer_class=HerReplayBuffer,
-        replay_buffer_kwargs=dict(goal_selection_strategy="future", n_sampled_goal=4),
+        replay_buffer_kwargs=dict(
+            goal_selection_strategy="future", n_sampled_goal=4, copy_info_dict=True
+        ),
         learning_starts=100,
         batch_size=64,
         policy_kwargs=dict(net_arch=[32, 32]),
@@ -138,12 +168,16 @@ def test_sac_her_with_the_dict_flow_policy():
     model.learn(300)
     assert model.num_timesteps == 300
     # HER relabels: most sampled goals are achieved positions, and every sampled reward is
-    # compute_reward of the next achieved goal and the (relabelled) desired goal
+    # compute_reward of the next achieved goal and the (relabelled) desired goal, with the
+    # shaping's previous position (from the copied infos) the transition's own observation
     batch = model.replay_buffer.sample(256)
     achieved = batch.next_observations["achieved_goal"].numpy()
     desired = batch.observations["desired_goal"].numpy()
-    expected = env.unwrapped.compute_reward(achieved, desired, None)
-    np.testing.assert_allclose(batch.rewards.numpy().ravel(), expected)
+    before = batch.observations["observation"].numpy()
+    infos = np.array([{"previous_position": p} for p in before], dtype=object)
+    expected = env.unwrapped.compute_reward(achieved, desired, infos)
+    np.testing.assert_allclose(batch.rewards.numpy().ravel(), expected, rtol=1e-6)
+    assert (expected > 0).any() and (expected < -1.5).any()  # shaping both ways
     goals = model.replay_buffer.observations["desired_goal"][: model.replay_buffer.pos, 0]
     relabelled = ~(desired[:, None, :] == goals[None]).all(-1).any(-1)
     assert relabelled.mean() > 0.5  # n_sampled_goal=4: 80% virtual
