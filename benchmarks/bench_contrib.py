@@ -13,11 +13,17 @@ Identical settings and seeds per algorithm, one torch thread, in one process:
 
     python benchmarks/bench_contrib.py --timing-only
     python benchmarks/bench_contrib.py --skip-timing --seeds 0 1 2
+
+Each finished return run is saved as ``--results/<algo>_<policy>_s<seed>.json`` (small files,
+committed): a later run skips the runs whose file exists, and the table covers every file there,
+so seeds can be added over several sittings or by processes side by side (``--algos TQC`` and
+``--algos CrossQ``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -41,6 +47,7 @@ from _record import record  # noqa: E402
 
 TIMING_TITLE = "SAC, TQC, CrossQ: time per gradient step (bench_contrib.py --timing-only)"
 RETURNS_TITLE = "TQC and CrossQ: Pendulum-v1 returns, flow vs Gaussian (bench_contrib.py)"
+RESULTS = Path(__file__).parent / "results" / "pendulum-contrib"
 TARGETS = {"prelu": "<= 1.15x", "spline": "<= 1.5x"}
 
 # algorithm -> (class, flow policy, rl-zoo3 Pendulum-v1 settings, steps)
@@ -165,6 +172,7 @@ def main() -> None:
     parser.add_argument("--timing-fill", type=int, default=1000)
     parser.add_argument("--timing-only", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--results", default=str(RESULTS), help="folder of finished return runs")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -178,12 +186,16 @@ def main() -> None:
     if args.timing_only:
         return
     algos = [a for a in args.algos if a != "SAC"]  # SAC's returns: bench_sac.py
-    results = [
-        run(algo, policy, seed, args.steps, args.episodes)
-        for seed in args.seeds
-        for algo in algos
-        for policy in ("gaussian", "prelu")
-    ]
+    folder = Path(args.results)
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        for algo in algos:
+            for policy in ("gaussian", "prelu"):
+                path = folder / f"{algo}_{policy}_s{seed}.json"
+                if not path.exists():
+                    result = run(algo, policy, seed, args.steps, args.episodes)
+                    path.write_text(json.dumps(result) + "\n")
+    results = [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
     table = returns_table(results)
     print(table)
     record(RETURNS_TITLE, table, threads=1)
