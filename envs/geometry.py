@@ -86,17 +86,48 @@ def geodesic_distance(
         radius that is not finite and > 0.
     """
     (x, y), (tx, ty) = _pair(point, "point"), _pair(target, "target")
-    cx, cy = _pair(center, "center")
-    r = _positive("radius", radius)
+    center, r = _pair(center, "center"), _positive("radius", radius)
     if (x, y) == (tx, ty):
         return 0.0
-    qx, qy = tx - cx, ty - cy
-    px, py = _project_out(x - cx, y - cy, r, qx, qy)
-    qx, qy = _project_out(qx, qy, r, px, py)
-    q2 = qx * qx + qy * qy
-    q_tan = math.sqrt(max(q2 - r * r, 0.0))
-    q_ang = math.acos(min(r / math.sqrt(q2), 1.0))
-    return _around(px, py, px * px + py * py, qx, qy, q_tan, q_ang, r)
+    return float(geodesic_distances(np.array((x, y)), np.array((tx, ty)), center, r))
+
+
+def geodesic_distances(
+    points: np.ndarray,
+    targets: np.ndarray,
+    center: Sequence[float] | np.ndarray = (0.0, 0.0),
+    radius: float = 1.0,
+) -> np.ndarray:
+    """:func:`geodesic_distance` for arrays of pairs, ``(..., 2)`` -> ``(...)`` (broadcast,
+    float64, unchecked): the same formula in numpy, for batches."""
+    c = np.asarray(center, dtype=np.float64)
+    p = np.asarray(points, dtype=np.float64) - c
+    q = np.asarray(targets, dtype=np.float64) - c
+    p, q = np.broadcast_arrays(p, q)
+    p, q = _project_out_batch(p, q, radius), _project_out_batch(q, p, radius)
+    p2 = np.einsum("...i,...i->...", p, p)
+    q2 = np.einsum("...i,...i->...", q, q)
+    # atan2 of (|cross|, dot), as _around: accurate at all angles, exactly mirror-symmetric
+    theta = np.arctan2(
+        np.abs(p[..., 0] * q[..., 1] - p[..., 1] * q[..., 0]), np.einsum("...i,...i->...", p, q)
+    )
+    p_ang = np.arccos(np.minimum(radius / np.sqrt(p2), 1.0))
+    q_ang = np.arccos(np.minimum(radius / np.sqrt(q2), 1.0))
+    around = (
+        np.sqrt(np.maximum(p2 - radius**2, 0.0))
+        + np.sqrt(np.maximum(q2 - radius**2, 0.0))
+        + radius * (theta - p_ang - q_ang)
+    )
+    straight = np.linalg.norm(p - q, axis=-1)
+    return np.where(theta <= p_ang + q_ang, straight, around)
+
+
+def _project_out_batch(p: np.ndarray, q: np.ndarray, radius: float) -> np.ndarray:
+    """:func:`_project_out` for arrays: points of ``p`` inside the disk onto its shore."""
+    d = np.linalg.norm(p, axis=-1, keepdims=True)
+    away = -q / np.maximum(np.linalg.norm(q, axis=-1, keepdims=True), 1e-300)
+    direction = np.where(d > 0.0, p / np.where(d > 0.0, d, 1.0), away)
+    return np.where(d >= radius, p, radius * direction)
 
 
 def _positive(name: str, value: float, strict: bool = True) -> float:

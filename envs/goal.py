@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from gymnasium import spaces
 
-from .geometry import LakeGeometry, _pair
+from .geometry import LakeGeometry, _pair, geodesic_distances
 from .lake import LakeCrossingEnv
 from .rendering import FrameRenderer
 
@@ -273,36 +273,8 @@ class LakeCrossingGoalEnv(LakeCrossingEnv):
         return np.asarray(flat, dtype=np.float64).reshape(shape)
 
     def _goal_distances(self, p: np.ndarray, g: np.ndarray) -> np.ndarray:
-        """phi_g(p) = max(0, geodesic(p, g) - home_radius) for each pair, shape ``(...)``.
-
-        :func:`~flowpolicy.envs.geodesic_distance` with numpy arrays for whole batches (HER
-        calls this twice per gradient step); a point in the lake counts as the shore point
-        radially outward of it, as in the environment's step.
-        """
+        """phi_g(p) = max(0, geodesic(p, g) - home_radius) for each pair, shape ``(...)``
+        (batched: HER calls this twice per gradient step)."""
         layout = self._layout
-        c, radius = np.asarray(layout.lake_center), layout.lake_radius
-        p, q = np.broadcast_arrays(p - c, g - c)
-        p, q = _project_out(p, q, radius), _project_out(q, p, radius)
-        p2 = np.einsum("...i,...i->...", p, p)
-        q2 = np.einsum("...i,...i->...", q, q)
-        cross = np.abs(p[..., 0] * q[..., 1] - p[..., 1] * q[..., 0])
-        theta = np.arctan2(cross, np.einsum("...i,...i->...", p, q))
-        p_ang = np.arccos(np.minimum(radius / np.sqrt(p2), 1.0))
-        q_ang = np.arccos(np.minimum(radius / np.sqrt(q2), 1.0))
-        around = (
-            np.sqrt(np.maximum(p2 - radius**2, 0.0))
-            + np.sqrt(np.maximum(q2 - radius**2, 0.0))
-            + radius * (theta - p_ang - q_ang)
-        )
-        straight = np.linalg.norm(p - q, axis=-1)
-        geodesic = np.where(theta <= p_ang + q_ang, straight, around)
+        geodesic = geodesic_distances(p, g, layout.lake_center, layout.lake_radius)
         return np.maximum(geodesic - layout.home_radius, 0.0)
-
-
-def _project_out(p: np.ndarray, q: np.ndarray, radius: float) -> np.ndarray:
-    """Points of ``p`` inside the disk projected radially onto its shore (the centre: opposite
-    the matching ``q``), as :func:`~flowpolicy.envs.geodesic_distance` does."""
-    d = np.linalg.norm(p, axis=-1, keepdims=True)
-    away = -q / np.maximum(np.linalg.norm(q, axis=-1, keepdims=True), 1e-300)
-    direction = np.where(d > 0.0, p / np.where(d > 0.0, d, 1.0), away)
-    return np.where(d >= radius, p, radius * direction)
