@@ -149,3 +149,46 @@ def test_bad_input_names_the_fix():
     assert args.overrides == [("gamma", 0.9)] and args.policies == list(algos.POLICIES)
     with pytest.raises(SystemExit):
         parser().parse_args(["run", "--env", "E", "--steps", "1", "--out", "x", "--set", "gamma"])
+
+
+def test_zoo_normalization_trains_and_evaluates_as_the_zoo(tmp_path):
+    """A zoo entry with ``normalize`` (all of its MuJoCo PPO ones) trains in ``VecNormalize``;
+    evaluation returns are the true ones, of the policy fed training's observation statistics;
+    a checkpoint restores the statistics with the model."""
+    import gymnasium as gym
+    import numpy as np
+    from stable_baselines3.common.evaluation import evaluate_policy
+    from stable_baselines3.common.vec_env import sync_envs_normalization
+
+    from flowpolicy.sweep.trial import _Report, _restore, build
+
+    record = algos.settings("ppo", "HalfCheetah-v5", 10_000, zoo=True, overrides={})
+    assert record["normalize"] == {"gamma": 0.98} and "normalize" not in record["kwargs"]
+    assert record["kwargs"]["policy_kwargs"]["activation_fn"] == "nn.ReLU"
+    json.dumps(record)  # the record stays JSON-able
+
+    overrides = (("normalize", True), ("n_steps", 128), ("batch_size", 64), ("n_epochs", 1))
+    spec = TrialSpec("ppo", "prelu", "Pendulum-v1", 0, 256, 128, 1, zoo=False, overrides=overrides)
+    model, eval_env, settings = build(spec)
+    model.learn(256)
+    stats = model.get_vec_normalize_env()
+    assert stats is not None and stats.obs_rms.count > 256
+
+    sync_envs_normalization(model.get_env(), eval_env)
+    (episode_return,), _ = evaluate_policy(model, eval_env, 1, return_episode_rewards=True)
+    env = gym.make("Pendulum-v1")
+    obs, _ = env.reset(seed=spec.seed + 10_000)
+    total, done = 0.0, False
+    while not done:
+        action, _ = model.predict(stats.normalize_obs(obs), deterministic=True)
+        obs, reward, terminated, truncated, _ = env.step(action)
+        total, done = total + reward, terminated or truncated
+    assert episode_return == pytest.approx(total, rel=1e-5)
+
+    reporter = _Report(spec, eval_env, settings, [])
+    reporter.init_callback(model)
+    reporter._save(tmp_path)
+    restored, _, _, _ = _restore(spec, tmp_path)
+    restored_stats = restored.get_vec_normalize_env()
+    np.testing.assert_array_equal(restored_stats.obs_rms.mean, stats.obs_rms.mean)
+    np.testing.assert_array_equal(restored_stats.ret_rms.var, stats.ret_rms.var)

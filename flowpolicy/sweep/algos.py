@@ -37,7 +37,7 @@ ALGOS: dict[str, Algo] = {
 }  # fmt: skip
 
 # zoo entries that change the environment or the training loop, which a trial does not do
-_UNSUPPORTED_ZOO_KEYS = ("normalize", "env_wrapper", "frame_stack", "callback", "vec_env_wrapper")
+_UNSUPPORTED_ZOO_KEYS = ("env_wrapper", "frame_stack", "callback", "vec_env_wrapper")
 # the zoo's bookkeeping, recorded but not passed to the algorithm
 _ZOO_META_KEYS = ("n_timesteps", "policy", "n_envs")
 # Gaussian-only exploration (gSDE): dropped for every policy so that the protocol is the same
@@ -84,14 +84,27 @@ def zoo_hyperparams(algo_name: str, env_id: str) -> tuple[str | None, dict[str, 
 
 def _zoo_value(key: str, value: Any) -> Any:
     """The zoo writes some settings as Python source ("dict(net_arch=[64, 64])")."""
-    if key == "policy_kwargs" and isinstance(value, str):
-        tree = ast.parse(value, mode="eval").body
-        if not (isinstance(tree, ast.Call) and getattr(tree.func, "id", None) == "dict"):
-            raise ValueError(f"unsupported zoo policy_kwargs {value!r}: pass them with --set")
-        return {kw.arg: ast.literal_eval(kw.value) for kw in tree.keywords}
+    if key in ("policy_kwargs", "normalize") and isinstance(value, str):
+        tree = ast.parse(value.strip(), mode="eval").body
+        try:
+            if isinstance(tree, ast.Call) and getattr(tree.func, "id", None) == "dict":
+                return _literal(tree)
+        except ValueError:
+            pass
+        raise ValueError(f"unsupported zoo {key} {value!r}: pass it with --set")
     if isinstance(value, str) and value.startswith("lin_"):
         return ("linear", float(value[4:]))
     return value
+
+
+def _literal(node: ast.expr) -> Any:
+    """A literal, or ``"nn.ReLU"`` for the zoo's ``activation_fn=nn.ReLU`` (JSON-able; the
+    class is looked up when the model is built, :func:`policy_kwargs_for_model`)."""
+    if isinstance(node, ast.Attribute) and getattr(node.value, "id", None) == "nn":
+        return f"nn.{node.attr}"
+    if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "dict":
+        return {kw.arg: _literal(kw.value) for kw in node.keywords}  # net_arch=dict(pi=...)
+    return ast.literal_eval(node)
 
 
 def settings(algo_name: str, env_id: str, steps: int, zoo: bool, overrides: dict) -> dict:
@@ -99,13 +112,17 @@ def settings(algo_name: str, env_id: str, steps: int, zoo: bool, overrides: dict
 
     Returns a JSON-able record: ``zoo_key`` (the entry used), ``zoo_budget`` (its n_timesteps),
     ``zoo_meta`` (its policy, n_envs: a trial steps one environment), ``dropped`` (gSDE
-    settings, which a flow has no use for) and ``kwargs`` for the algorithm.
+    settings, which a flow has no use for), ``normalize`` (``VecNormalize``'s keyword arguments
+    where the entry normalizes observations and rewards, as the zoo does, else ``None``) and
+    ``kwargs`` for the algorithm.
     """
     key, raw = zoo_hyperparams(algo_name, env_id) if zoo else (None, {})
     bad = [k for k in _UNSUPPORTED_ZOO_KEYS if k in raw]
     if bad:
         raise ValueError(f"zoo entry {key} uses {bad}, which sweeps do not support: use --no-zoo")
     kwargs = {k: _zoo_value(k, v) for k, v in raw.items() if k not in _ZOO_META_KEYS}
+    overrides = dict(overrides)
+    normalize = _normalize_kwargs(overrides.pop("normalize", kwargs.pop("normalize", False)))
     dropped = {k: kwargs.pop(k) for k in _GAUSSIAN_ONLY if k in kwargs}
     policy_kwargs = kwargs.get("policy_kwargs", {})
     dropped.update(
@@ -116,8 +133,17 @@ def settings(algo_name: str, env_id: str, steps: int, zoo: bool, overrides: dict
         # a buffer that never fills is the same buffer; the smaller one keeps checkpoints small
         kwargs["buffer_size"] = min(int(kwargs.get("buffer_size", 1_000_000)), steps)
     zoo_meta = {k: raw[k] for k in _ZOO_META_KEYS if k in raw}  # n_envs: a trial steps one env
+    if normalize is not None:  # the zoo discounts the normalized reward with the agent's gamma
+        normalize.setdefault("gamma", kwargs.get("gamma", 0.99))
     return dict(zoo_key=key, zoo_budget=raw.get("n_timesteps"), zoo_meta=zoo_meta, dropped=dropped,
-                kwargs=kwargs)  # fmt: skip
+                normalize=normalize, kwargs=kwargs)  # fmt: skip
+
+
+def _normalize_kwargs(value: Any) -> dict | None:
+    """The zoo's ``normalize``: ``true``, ``false`` or ``"dict(norm_obs=True, ...)"``."""
+    if isinstance(value, str):
+        return _zoo_value("normalize", value)
+    return {} if value else None
 
 
 def model_kwargs(kwargs: dict) -> dict:
@@ -126,6 +152,17 @@ def model_kwargs(kwargs: dict) -> dict:
     for key, value in kwargs.items():
         if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == "linear":
             out[key] = _Linear(float(value[1]))
+    return out
+
+
+def policy_kwargs_for_model(policy_kwargs: dict) -> dict:
+    """The recorded policy kwargs as the policy takes them (``"nn.ReLU"`` becomes the class)."""
+    out = dict(policy_kwargs)
+    name = out.get("activation_fn")
+    if isinstance(name, str) and name.startswith("nn."):
+        import torch.nn
+
+        out["activation_fn"] = getattr(torch.nn, name[3:])
     return out
 
 

@@ -6,7 +6,10 @@ environment, saves a checkpoint (model and replay buffer) and reports to Tune; a
 continues from its latest checkpoint. Its last report carries the whole record, which the sweep
 exports as ``<results>/<trial>.csv`` (:func:`write_result`): one row per evaluation (step, mean
 and standard deviation of the returns, wall and training seconds), after a ``# settings: {json}``
-line recording everything it ran with. A trial whose file exists is not run again.
+line recording everything it ran with. A trial whose file exists is not run again. Where the
+zoo entry normalizes (``normalize: true``, as its MuJoCo PPO entries do), the trial trains in
+``VecNormalize`` as the zoo does and evaluates the true returns with training's observation
+statistics.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from ray import tune
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.vec_env import sync_envs_normalization
 
 from flowpolicy.sweep import algos
 from flowpolicy.sweep.results import TrialSpec, read_result, result_path
@@ -28,42 +32,67 @@ from flowpolicy.sweep.results import TrialSpec, read_result, result_path
 
 def build(spec: TrialSpec) -> tuple[Any, Any, dict]:
     """(model, evaluation env, settings record) for a fresh run of ``spec``."""
-    import gymnasium as gym
-
     record = algos.settings(spec.algo, spec.env, spec.steps, spec.zoo, dict(spec.overrides))
     kwargs = algos.model_kwargs(record["kwargs"])
     policy, policy_kwargs = algos.policy(spec.algo, spec.policy, kwargs.pop("policy_kwargs", {}))
     cls = algos.load(algos.algo(spec.algo).cls)
     record = dict(record, spec=spec.to_dict(), policy_kwargs=policy_kwargs, torch=torch.__version__)
-    # a copy: SB3 adds its own entries (use_sde) to the dict it is given
     model = cls(
-        policy, gym.make(spec.env), policy_kwargs=dict(policy_kwargs), seed=spec.seed, **kwargs
+        policy,
+        _train_env(spec, record["normalize"]),
+        policy_kwargs=algos.policy_kwargs_for_model(policy_kwargs),  # SB3 adds to this dict
+        seed=spec.seed,
+        **kwargs,
     )
     record["policy_class"] = policy if isinstance(policy, str) else policy.__qualname__
-    return model, _eval_env(spec), record
+    return model, _eval_env(spec, record["normalize"]), record
 
 
-def _eval_env(spec: TrialSpec):
+def _train_env(spec: TrialSpec, normalize: dict | None, stats: Path | None = None):
+    """The environment, wrapped in ``VecNormalize`` (fresh, or loaded from ``stats``) where the
+    zoo entry normalizes, as rl-zoo3 trains."""
+    import gymnasium as gym
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+    if normalize is None:
+        return gym.make(spec.env)
+    venv = DummyVecEnv([lambda: gym.make(spec.env)])
+    return VecNormalize.load(str(stats), venv) if stats else VecNormalize(venv, **normalize)
+
+
+def _eval_env(spec: TrialSpec, normalize: dict | None):
+    """A separate, seeded environment; with normalization, a frozen ``VecNormalize`` whose
+    observation statistics are copied from training's before each evaluation, and whose
+    Monitor reports the true (unnormalized) returns."""
     import gymnasium as gym
     from stable_baselines3.common.monitor import Monitor
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
-    env = Monitor(gym.make(spec.env))
-    env.reset(seed=spec.seed + 10_000)  # its own stream, apart from training's
-    return env
+    if normalize is None:
+        env = Monitor(gym.make(spec.env))
+        env.reset(seed=spec.seed + 10_000)  # its own stream, apart from training's
+        return env
+    venv = DummyVecEnv([lambda: Monitor(gym.make(spec.env))])
+    venv.seed(spec.seed + 10_000)
+    return VecNormalize(venv, training=False, norm_reward=False, **_obs_only(normalize))
+
+
+def _obs_only(normalize: dict) -> dict:
+    return {k: v for k, v in normalize.items() if k in ("norm_obs", "clip_obs", "epsilon")}
 
 
 def _restore(spec: TrialSpec, directory: Path) -> tuple[Any, Any, dict, list[dict]]:
-    import gymnasium as gym
-
     state = json.loads((directory / "state.json").read_text())
+    normalize = state["settings"].get("normalize")
     cls = algos.load(algos.algo(spec.algo).cls)
-    model = cls.load(directory / "model.zip", env=gym.make(spec.env), device="cpu")
+    env = _train_env(spec, normalize, directory / "vecnormalize.pkl" if normalize else None)
+    model = cls.load(directory / "model.zip", env=env, device="cpu")
     if (directory / "buffer.pkl").exists():
         model.load_replay_buffer(directory / "buffer.pkl")
     state["settings"]["resumed_at"] = state["settings"].get("resumed_at", []) + [
         model.num_timesteps
     ]
-    return model, _eval_env(spec), state["settings"], state["rows"]
+    return model, _eval_env(spec, normalize), state["settings"], state["rows"]
 
 
 def train(config: dict) -> None:
@@ -117,6 +146,8 @@ class _Report(BaseCallback):
 
     def evaluate_and_report(self) -> None:
         self.train_seconds += time.perf_counter() - self.resumed
+        if self.model.get_vec_normalize_env() is not None:
+            sync_envs_normalization(self.model.get_env(), self.eval_env)
         returns, _ = evaluate_policy(
             self.model, self.eval_env, self.spec.eval_episodes, deterministic=True,
             return_episode_rewards=True,
@@ -136,6 +167,8 @@ class _Report(BaseCallback):
 
     def _save(self, directory: Path) -> None:
         self.model.save(directory / "model.zip")
+        if self.model.get_vec_normalize_env() is not None:
+            self.model.get_vec_normalize_env().save(str(directory / "vecnormalize.pkl"))
         if hasattr(self.model, "save_replay_buffer"):
             self.model.save_replay_buffer(directory / "buffer.pkl")
         state = dict(rows=self.rows, settings=self.settings)
