@@ -145,6 +145,12 @@ class Affine(Transform):
         self._capacitance_tril: Tensor | None = None
         self._inverse_matrix: Tensor | None = None
         self._inverse_shift: Tensor | None = None
+        self._inverse_scale: Tensor | None = None  # d = 1: the 1 x 1 inverse as a scalar
+        # shapes as plain attributes: a flow's layers read them without touching (unbinding)
+        # the tensors (fastpath.unbind_layers, which also drops the layer dim here)
+        self._size = shift.shape[-1]
+        self._rank = 0 if self.factor is None else self.factor.shape[-1]
+        self._batch_rank = scale_tril.dim() - 2
         self._matrix: Tensor | None = None
         self._log_det = self._compute_log_det()
 
@@ -184,7 +190,7 @@ class Affine(Transform):
         return ladj + 2 * diag.log().sum(-1)
 
     def _call(self, x: Tensor) -> Tensor:
-        _check_width("Affine", x, self.shift.shape[-1])
+        _check_width("Affine", x, self._size)
         if self.scale_tril.dim() == 2:  # one parameter set: y = x S^T + b in one matmul
             return torch.addmm(self.shift, x.reshape(-1, x.shape[-1]), self.matrix.mT).reshape(
                 x.shape
@@ -204,17 +210,39 @@ class Affine(Transform):
         # several samples per parameter set: form S once, multiply-and-sum without expanding it
         return (self.matrix * x[..., None, :]).sum(-1) + self.shift
 
+    @property
+    def _one_set(self) -> bool:
+        return self._batch_rank == 0
+
+    @property
+    def _small(self) -> bool:
+        """Per-state parameters of size d <= 4, rank r <= 2: inverses in closed form."""
+        return self._batch_rank > 0 and self._size <= 4 and self._rank <= 2
+
     def dense_inverse(self) -> tuple[Tensor, Tensor]:
         """``(S^-T, -b S^-T)``, so that ``x = y S^-T - b S^-T`` for row vectors ``y``; formed once
-        (a batch of parameter sets gets a batch of inverses in one call)."""
+        (a batch of parameter sets gets a batch of inverses in one call: a flow forms those of
+        all its layers for all states at once)."""
         if self._inverse_matrix is None:
-            self._inverse_matrix = torch.linalg.inv(self.matrix).mT
-            self._inverse_shift = -(self.shift.unsqueeze(-2) @ self._inverse_matrix).squeeze(-2)
+            if self._small and self._size == 1:  # S = L (1 + F F^T) is a scalar per state
+                scale = self.scale_tril[..., 0]
+                if self.factor is not None:
+                    scale = scale * (1 + self.factor.square().sum(-1))
+                self._inverse_scale = scale.reciprocal()
+                self._inverse_shift = -self.shift * self._inverse_scale
+                inverse = self._inverse_scale.unsqueeze(-1)
+            elif self._small:  # element-wise products: batched matmuls of tiny matrices cost more
+                inverse = self._small_inverse()
+                self._inverse_shift = -(inverse * self.shift.unsqueeze(-2)).sum(-1)
+            else:
+                inverse = torch.linalg.inv(self.matrix)
+                self._inverse_shift = -(self.shift.unsqueeze(-2) @ inverse.mT).squeeze(-2)
+            self._inverse_matrix = inverse.mT
         return self._inverse_matrix, self._inverse_shift
 
     def _inverse(self, y: Tensor) -> Tensor:
-        _check_width("Affine", y, self.shift.shape[-1])
-        if self.scale_tril.dim() == 2:
+        _check_width("Affine", y, self._size)
+        if self._one_set:
             # one parameter set (a density model): x = (y - b) S^-T for all samples in one
             # matmul; S^-1 is formed once, and S = L (I + F F^T) is well conditioned by design
             inverse, shift = self.dense_inverse()
@@ -224,8 +252,22 @@ class Affine(Transform):
                 # density fit's step: 14.0 -> 9.2 ms with PReLU layers)
                 return torch.addmm(shift[:, None], inverse.mT, y.mT).mT
             return torch.addmm(shift, y.reshape(-1, y.shape[-1]), inverse).reshape(y.shape)
-        if self.shift.shape[-1] <= 4 and (self.factor is None or self.factor.shape[-1] <= 2):
-            return self._small_inverse(y - self.shift)
+        if self._small:
+            # per-state parameters (a policy's log-prob of stored actions, PPO's hot path): one
+            # batched matrix-vector product with the closed-form inverse
+            if self._inverse_shift is None:
+                self.dense_inverse()
+            if self._inverse_scale is not None:  # d = 1: element-wise
+                return torch.addcmul(self._inverse_shift, y, self._inverse_scale)
+            inverse, shift = self.dense_inverse()
+            if y.shape[:-1] != shift.shape[:-1]:  # several values per parameter set
+                return (y.unsqueeze(-1) * inverse).sum(-2) + shift
+            x = torch.baddbmm(
+                _one_batch_dim(shift.unsqueeze(-2)),
+                _one_batch_dim(y.unsqueeze(-2)),
+                _one_batch_dim(inverse),
+            )
+            return x.view(y.shape)
         z = (y - self.shift)[..., None]
         batch = torch.broadcast_shapes(z.shape[:-2], self.scale_tril.shape[:-2])
         L = self.scale_tril.expand(batch + self.scale_tril.shape[-2:])
@@ -236,29 +278,33 @@ class Affine(Transform):
             x = x - self.factor @ u
         return x[..., 0]
 
-    def _small_inverse(self, z: Tensor) -> Tensor:
-        r""":math:`x = (I + F F^\top)^{-1} L^{-1} z` for per-state parameters of size
-        :math:`d \le 4`, rank :math:`r \le 2`, without batched LAPACK calls (a policy's
-        log-probability of stored actions, PPO's hot path: their per-call overhead dominates at
-        these sizes): forward substitution, then Sherman-Morrison (:math:`r = 1`) or the
-        closed-form 2 x 2 capacitance solve (:math:`r = 2`)."""
+    def _small_inverse(self) -> Tensor:
+        r""":math:`S^{-1} = (I + F F^\top)^{-1} L^{-1}` for per-state parameters of size
+        :math:`2 \le d \le 4` (:meth:`dense_inverse` takes d = 1 as a scalar), rank
+        :math:`r \le 2`, without batched LAPACK calls (their per-matrix overhead dominates at
+        these sizes): :math:`L^{-1} = (I - A + A^2 - \dots) D^{-1}` with the nilpotent
+        :math:`A = D^{-1} L - I` (d - 1 terms, Horner), then Woodbury,
+        :math:`(I + F F^\top)^{-1} = I - F C^{-1} F^\top`, with the closed-form inverse of the
+        r x r capacitance :math:`C = I + F^\top F`."""
         L = self.scale_tril
-        columns: list[Tensor] = []
-        for i in range(z.shape[-1]):
-            acc = z[..., i]
-            for j, x_j in enumerate(columns):
-                acc = acc - L[..., i, j] * x_j
-            columns.append(acc / L[..., i, i])
-        x = torch.stack(columns, -1)
+        d = L.shape[-1]
+        inv_diag = torch.diagonal(L, dim1=-2, dim2=-1).reciprocal()
+        eye = torch.eye(d, dtype=L.dtype, device=L.device)
+        A = (L * inv_diag.unsqueeze(-1)).tril(-1)
+        unit = eye - A
+        for _ in range(d - 2):
+            unit = eye - A @ unit
+        inverse = unit * inv_diag.unsqueeze(-2)
         if self.factor is None:
-            return x
-        if self.factor.shape[-1] == 1:
-            f = self.factor[..., 0]
-            return x - f * ((f * x).sum(-1, keepdim=True) / (1 + f.square().sum(-1, keepdim=True)))
-        f, g, a, b, c = _gram_of_columns(self.factor)
-        p, q = (f * x).sum(-1, keepdim=True), (g * x).sum(-1, keepdim=True)
-        det = (1 + a) * (1 + c) - b * b
-        return x - f * (((1 + c) * p - b * q) / det) - g * (((1 + a) * q - b * p) / det)
+            return inverse
+        factor = self.factor
+        if factor.shape[-1] == 1:  # outer products by broadcasting, no batched matmuls
+            weights = factor / (1 + factor.square().sum(-2, keepdim=True))  # F C^-1
+            return inverse - weights * (factor * inverse).sum(-2, keepdim=True)
+        _, _, a, b, c = _gram_of_columns(factor)
+        det = ((1 + a) * (1 + c) - b * b).unsqueeze(-1)
+        adjugate = torch.cat([1 + c, -b, -b, 1 + a], -1).unflatten(-1, (2, 2))
+        return inverse - (factor @ (adjugate / det)) @ (factor.mT @ inverse)
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         return _expand_ladj(self.log_det(), x)
@@ -389,13 +435,24 @@ class PReLU(Transform):
         return y, torch.where(negative, self.log_alpha, 0.0).sum(-1)
 
     def inv_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        x, (ladj,) = self.inv_and_state(y)
+        return x, ladj.sum(-1)
+
+    def inv_and_state(self, y: Tensor) -> tuple[Tensor, tuple[Tensor]]:
+        """``(x, state)`` with ``x = inv(y)`` and the log-det as ``_ladj_of_state(*state)``
+        (element-wise, summed over the last axis): a chain stacks the states of its layers and
+        gets all their log-dets in one call."""
         if self.alpha.dim():
             _check_width("PReLU", y, self.alpha.shape[-1])
         negative = y < 0
         x = torch.where(negative, y / self.alpha, y)
         if self.kink_bandwidth > 0 and torch.is_grad_enabled():
-            return x, _KinkLogDet.apply(y, self.log_alpha, self.kink_bandwidth)
-        return x, torch.where(negative, self.log_alpha, 0.0).sum(-1)
+            return x, (_KinkLogDet.apply(y, self.log_alpha, self.kink_bandwidth).unsqueeze(-1),)
+        return x, (torch.where(negative, self.log_alpha, 0.0),)
+
+    @staticmethod
+    def _ladj_of_state(ladj: Tensor) -> Tensor:
+        return ladj  # the state is the element-wise log-det
 
 
 class Tanh(Transform):

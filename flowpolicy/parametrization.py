@@ -10,7 +10,6 @@ accept leading batch dimensions. :class:`FlowParams` is the layout of the whole 
 
 from __future__ import annotations
 
-import copy
 import math
 import numbers
 
@@ -23,6 +22,7 @@ from torch.distributions import Transform
 
 from flowpolicy.bijectors import Affine, PReLU, Spline, Tanh
 from flowpolicy.coupling import CouplingParams
+from flowpolicy.fastpath import unbind_layers
 
 __all__ = ["AffineParams", "FlowParams", "PReLUParams", "SplineParams", "inverse_softplus"]
 
@@ -87,9 +87,13 @@ class AffineParams(nn.Module):
         shift, raw_diag, lower, factor = self.split(theta)
         d, r = self.dim, self.rank
         diag = F.softplus(raw_diag + self.diag_offset) + self.eps
-        L = lower @ self.scatter
-        L[..., :: d + 1] = diag  # the diagonal of the flattened d x d matrices
-        return shift, diag, L.unflatten(-1, (d, d)), factor.unflatten(-1, (d, r)) if r > 0 else None
+        if d == 1:  # no strictly lower entries to place
+            L = diag.unsqueeze(-1)
+        else:
+            L = lower @ self.scatter
+            L[..., :: d + 1] = diag  # the diagonal of the flattened d x d matrices
+            L = L.unflatten(-1, (d, d))
+        return shift, diag, L, factor.unflatten(-1, (d, r)) if r > 0 else None
 
     def forward(self, theta: Tensor) -> Affine:
         shift, diag, L, factor = self.parts(theta)
@@ -190,29 +194,6 @@ class SplineParams(nn.Module):
         return torch.cat(parts, -1).flatten(-2)
 
 
-def _unbind_layers(transform: Transform) -> list[Transform]:
-    """Split a bijector whose parameters carry a leading layer dimension into one per layer.
-
-    Every tensor attribute is unbound along its first batch dim: dim 0, or the dim a bijector
-    names in ``_batch_dim`` for attributes with leading non-batch dims (views, one autograd
-    node per attribute).
-    """
-    dims = getattr(transform, "_batch_dim", {})
-    fields = {
-        k: v.unbind(dims.get(k, 0)) for k, v in vars(transform).items() if isinstance(v, Tensor)
-    }
-    sizes = {len(v) for v in fields.values()}
-    if len(sizes) != 1:
-        raise RuntimeError(f"{type(transform).__name__}: attributes disagree on the layer count")
-    layers = []
-    for i in range(sizes.pop()):
-        layer = copy.copy(transform)
-        for name, values in fields.items():
-            setattr(layer, name, values[i])
-        layers.append(layer)
-    return layers
-
-
 class FlowParams(nn.Module):
     """The chain's layout: a raw parameter vector ``(..., P)`` to the bijectors of a flow."""
 
@@ -287,8 +268,19 @@ class FlowParams(nn.Module):
         self.register_buffer("signed", signed, persistent=False)
         # where each affine part (and each PReLU's log-slopes) lies in the raw vector, per layer
         self.affine_index = {name: np.array(rows, dtype=np.int64) for name, rows in index.items()}
+        # d = 1 with PReLU layers: the raw entries the fused log-density reads (fastpath.py)
+        rows = None
+        if dim == 1 and nonlinearity == "prelu":
+            parts = [self.affine_index[n].ravel() for n in ("shift", "diag", "factor", "slope")]
+            rows = torch.as_tensor(np.concatenate(parts))
+        self.register_buffer("scalar_rows", rows, persistent=False)
         self.register_buffer("zero", torch.zeros(dim), persistent=False)
         self.register_buffer("one", torch.ones(dim), persistent=False)
+        # within's memory: per (bound, dtype, device), a raw vector that passed its test
+        self._passed: dict[tuple, Tensor] = {}
+
+    # what within adds to a batch's worst raw vector before it remembers it, over the layers
+    within_margin = 1.0
 
     def init(self, seed: int | None, strength: float) -> Tensor:
         generator = torch.Generator()
@@ -391,7 +383,7 @@ class FlowParams(nn.Module):
                 gs = self._nonlinear_layers(raw_nonlinear[:, flagged]) if nonlinear else []
                 eye = 3 * torch.eye(self.dim, dtype=theta.dtype, device=theta.device)
                 x = torch.cat([eye, -eye, eye[:1] * 0])[:, None]  # (2d + 1, 1, d)
-                affines = _unbind_layers(affine)
+                affines = unbind_layers(affine)
                 x = affines[0](x)
                 for g, a in zip(gs, affines[1:]):
                     x = a(g(x))
@@ -408,13 +400,30 @@ class FlowParams(nn.Module):
         end for the entrywise worst raw vector of the batch (a diagonal and a log-slope by their
         largest value, every other entry by its largest magnitude), since every bound of the
         chain grows with these. The one vector is screened in numpy: torch's per-op overhead
-        would dominate."""
+        would dominate.
+
+        As the test is monotone, a vector that passed (the batch's worst raw vector plus a
+        margin, remembered per bound) passes every batch whose worst vector lies below it: a
+        policy's consecutive batches then cost one comparison instead of the screen."""
         if theta.is_meta:
             return False
         with torch.no_grad():
             low, high = torch.aminmax(theta.detach().reshape(-1, theta.shape[-1]), dim=0)
             worst = torch.where(self.signed, high, torch.maximum(high, -low))
-        w = worst.cpu().double().numpy()
+            key = (output_bound, worst.dtype, worst.device)
+            passed = self._passed.get(key)
+            if passed is not None and bool((worst <= passed).all()):
+                return True
+            # the margin compounds over the layers: spread it
+            relaxed = worst + self.within_margin / (len(self.chain) // 2 + 1)
+        for candidate in (relaxed, worst):
+            if self._screen_worst(candidate.cpu().double().numpy(), output_bound):
+                self._passed[key] = candidate
+                return True
+        return False
+
+    def _screen_worst(self, w: np.ndarray, output_bound: float) -> bool:
+        """The test of :meth:`within` for one raw vector ``w``."""
         affine = self.chain[0]
         d, index = self.dim, self.affine_index
         L = np.zeros(index["diag"].shape + (d,))
@@ -471,22 +480,28 @@ class FlowParams(nn.Module):
         return screened, log_norm, log_shift
 
     def layers(
-        self, theta: Tensor, kink_bandwidth: float = 0.0, output_bound: float | None = None
+        self,
+        theta: Tensor,
+        kink_bandwidth: float = 0.0,
+        output_bound: float | None = None,
+        inverse: bool = False,
     ) -> tuple[list[Affine], list[Transform], Tensor]:
         """The affine layers, the nonlinear layers and the sum of the affine layers' log-dets
         (which do not depend on the input), for raw parameters ``theta (..., P)``.
 
         :param output_bound: scale the affine layers where the chain could exceed it (see
             :meth:`output_scales`); ``None``: as the raw parameters say.
+        :param inverse: form the affine layers' inverses now, all in one call (for a density's
+            log-prob; else each layer forms its own on first use).
         """
         # All affine layers share one layout, and so do all nonlinear layers: build each kind in
         # one call with a leading layer dimension and split it, instead of one call per layer
         # (on CPU the many tiny kernels of per-layer builds dominate a small policy's step).
         raw_affine, raw_nonlinear = self.layer_views(theta)
         if output_bound is None or theta.numel() == 0 or self.within(theta, output_bound):
-            affine = self.chain[0](raw_affine.contiguous())
+            affine = self.chain[0](raw_affine)
         else:
-            parts = self.chain[0].parts(raw_affine.contiguous())
+            parts = self.chain[0].parts(raw_affine)
             log_c = self.output_scales(theta, output_bound, parts)
             c = log_c.exp()
             shift, diag, L, factor = parts
@@ -497,12 +512,12 @@ class FlowParams(nn.Module):
                 validate=False,
                 log_diag=diag.log() + log_c[..., None],
             )
-        if theta.dim() == 1:  # one parameter set (a density model): all inverses in one call
+        if inverse or theta.dim() == 1:  # (a density model always inverts)
             affine.dense_inverse()
         nonlinear: list[Transform] = []
         if len(self.chain) > 1:
-            nonlinear = self._nonlinear_layers(raw_nonlinear.contiguous(), kink_bandwidth)
-        return _unbind_layers(affine), nonlinear, affine.log_det().sum(0)
+            nonlinear = self._nonlinear_layers(raw_nonlinear, kink_bandwidth)
+        return unbind_layers(affine), nonlinear, affine.log_det().sum(0)
 
     def _nonlinear_layers(self, raw: Tensor, kink_bandwidth: float = 0.0) -> list[Transform]:
         """The nonlinear layers of raw parameters ``raw (K, ..., P_nonlinear)``: element-wise
@@ -512,8 +527,8 @@ class FlowParams(nn.Module):
         if isinstance(module, CouplingParams):
             return [self.chain[2 * k + 1](theta) for k, theta in enumerate(raw)]
         if isinstance(module, PReLUParams):
-            return _unbind_layers(module(raw, kink_bandwidth))
-        return _unbind_layers(module(raw))
+            return unbind_layers(module(raw, kink_bandwidth))
+        return unbind_layers(module(raw))
 
     def chain_of(self, affines: list[Affine], nonlinear: list[Transform]) -> list[Transform]:
         """The bijectors in the order they apply: affine, nonlinear, ..., affine [, tanh]."""

@@ -114,8 +114,9 @@ class Spline(Transform):
         if x.dim() < 1 or x.shape[-1] != d:
             raise ValueError(f"Spline: expected inputs of shape (..., {d}), got {tuple(x.shape)}")
 
-    def _bin_params(self, v: Tensor, knots: Tensor) -> tuple[Tensor, ...]:
-        """Gather, for each element of ``v``, its bin's knots, sizes and end derivatives."""
+    def _gather(self, v: Tensor, knots: Tensor) -> Tensor:
+        """For each element of ``v``, the rows of its bin's table (knots, sizes, derivatives...),
+        shape ``(rows,) + v.shape`` (``v`` broadcast against the parameters' batch)."""
         # broadcast only when needed: torch.broadcast_shapes is slow Python, and every no-op
         # expand is one more autograd node on the hot path
         shape, table = v.shape, self._table
@@ -127,9 +128,7 @@ class Spline(Transform):
             table = table.reshape((rows,) + lead + table.shape[1:])
             table = table.expand((rows,) + shape + (bins,))
         k = (v[..., None] >= knots[..., 1:-1]).sum(-1, keepdim=True)
-        params = table.gather(-1, k.expand((rows,) + shape + (1,)))
-        x_k, y_k, w, h, d0, d1, s, c, log_s2 = params.squeeze(-1).unbind(0)
-        return v, x_k, w, y_k, h, d0, d1, s, c, log_s2
+        return table.gather(-1, k.expand((rows,) + shape + (1,))).squeeze(-1)
 
     @staticmethod
     def _log_derivative(
@@ -153,7 +152,7 @@ class Spline(Transform):
         # the derivative exactly 1 (log 0), so the tails need no masks: y = spline(xc) + (x - xc)
         self._check_width(x)
         xc = x.clamp(-self.bound, self.bound)
-        xc, x_k, w, y_k, h, d0, d1, s, c, log_s2 = self._bin_params(xc, self.knots_x)
+        x_k, y_k, w, h, d0, d1, s, c, log_s2 = self._gather(xc, self.knots_x).unbind(0)
         xi = ((xc - x_k) / w).clamp(0, 1)
         xi2 = xi * xi
         t = xi - xi2  # xi (1 - xi)
@@ -163,21 +162,38 @@ class Spline(Transform):
         return y_in + (x - xc), ladj.sum(-1)
 
     def inv_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        x, state = self.inv_and_state(y)
+        return x, self._ladj_of_state(*state).sum(-1)
+
+    def inv_and_state(self, y: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """``(x, state)`` with ``x = inv(y)`` and the log-det as ``_ladj_of_state(*state)``
+        (element-wise, summed over the last axis): a chain stacks the states of its layers and
+        gets all their log-dets in one call."""
         self._check_width(y)
         inside = y.abs() < self.bound
         yc = y.clamp(-self.bound, self.bound)
-        yc, x_k, w, y_k, h, d0, d1, s, c, log_s2 = self._bin_params(yc, self.knots_y)
+        params = self._gather(yc, self.knots_y)
+        x_k, y_k, w, h, d0, _, s, c, _ = params.unbind(0)
+        # xi solves a xi^2 + b xi - s dy = 0 (the root in [0, 1]), in the cancellation-free form
+        # 2 s dy / (b + sqrt(b^2 + 4 a s dy))
         dy = yc - y_k
-        a = h * (s - d0) + dy * c
-        b = h * d0 - dy * c
-        cc = -s * dy
-        discriminant = (b.pow(2) - 4 * a * cc).clamp_min(0)
-        xi = ((2 * cc) / (-b - discriminant.sqrt())).clamp(0, 1)
-        x_in = torch.addcmul(x_k, xi, w)
+        a = torch.addcmul(h * (s - d0), dy, c)
+        b = torch.addcmul(h * d0, dy, c, value=-1.0)
+        s_dy = s * dy
+        discriminant = torch.addcmul(b * b, a, s_dy, value=4.0).clamp_min(0)
+        xi = ((2 * s_dy) / (b + discriminant.sqrt())).clamp(0, 1)
+        x = torch.where(inside, torch.addcmul(x_k, xi, w), y)
+        return x, (xi, params, inside)
+
+    @staticmethod
+    def _ladj_of_state(xi: Tensor, params: Tensor, inside: Tensor) -> Tensor:
+        """The element-wise log-det of the inverse's state; also of the states of several layers
+        stacked along a dim before those of ``xi`` (the rows of ``params`` come first)."""
+        _, _, _, _, d0, d1, s, c, log_s2 = params.unbind(-xi.dim() - 1)
         xi2 = xi * xi
         t = xi - xi2
-        ladj = self._log_derivative(xi, xi2, t, s, d0, d1, log_s2, torch.addcmul(s, c, t))
-        return torch.where(inside, x_in, y), torch.where(inside, ladj, 0.0).sum(-1)
+        ladj = Spline._log_derivative(xi, xi2, t, s, d0, d1, log_s2, torch.addcmul(s, c, t))
+        return torch.where(inside, ladj, 0.0)
 
     def _call(self, x: Tensor) -> Tensor:
         return self.call_and_ladj(x)[0]

@@ -285,3 +285,28 @@ def test_one_parameter_set_inverse_runs_over_samples_along_the_last_axis():
     g2 = torch.autograd.grad(batched.sin().sum(), (shift, factor))
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("d", "r"), [(1, 0), (1, 1), (2, 1), (2, 2), (3, 0), (4, 2)])
+def test_per_state_inverse_equals_a_dense_solve(d, r):
+    """Per-state parameters of size d <= 4 and rank r <= 2 invert through a closed-form S^-1
+    (no LAPACK call; d = 1 a scalar): values and gradients equal torch.linalg.solve of the dense
+    S = L (I + V D V^T), one value per state and several."""
+    g = torch.Generator().manual_seed(10 * d + r)
+    params = [p.requires_grad_() for p in affine_params(d, r, (6,), g)]
+    for y in (torch.randn(6, d, generator=g, dtype=DTYPE), torch.randn(3, 6, d, dtype=DTYPE)):
+        weights = torch.randn(y.shape, generator=g, dtype=DTYPE)
+        f = Affine(*params, validate=False)
+        assert f._small
+        x = f.inv(y)
+        shift, L = params[0], params[1].tril()  # (the upper triangle is never read)
+        S = L
+        if r:
+            V, D = params[2:]
+            S = L @ (torch.eye(d, dtype=DTYPE) + (V * D[..., None, :]) @ V.mT)
+        expected = torch.linalg.solve(S, (y - shift).unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(x, expected, rtol=1e-12, atol=1e-12)
+        grads = torch.autograd.grad((x * weights).sum(), params)
+        reference = torch.autograd.grad((expected * weights).sum(), params)
+        for a, b in zip(grads, reference):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)

@@ -638,7 +638,8 @@ def test_half_precision_mixed_dtypes_and_meta():
         torch.testing.assert_close(flow().log_prob(value.to(dtype)), expected)
     with pytest.raises(TypeError, match="float64 but the flow is torch.float32"):
         flow().log_prob(value.double())
-    torch.testing.assert_close(flow.double()().log_prob(value.double()), expected.double())
+    # float32's tolerance: the float32 result carries float32 rounding
+    torch.testing.assert_close(flow.double()().log_prob(value.double()).float(), expected)
     # the meta device: shapes only, no value checks needed
     cflow = ConditionalFlow(2, 3, squash=True, param_bound=10.0).to("meta")
     dist = cflow(torch.zeros(4, 3, device="meta"))
@@ -725,3 +726,109 @@ def test_coupling_arguments_are_validated():
         ConditionalFlow(2, 3, nonlinearity="coupling", coupling_code=-1)
     with pytest.raises(ValueError, match="bins"):
         Flow(2, nonlinearity="coupling", bins=1)
+
+
+# --- issue 18: PPO's log-prob of stored actions, fewer ops -----------------------------------
+
+
+@pytest.mark.parametrize("squash", [False, True])
+@pytest.mark.parametrize(("layers", "rank"), [(4, 1), (2, 0), (0, 1)])
+@pytest.mark.parametrize("output_bound", [None, 1000.0, 2.0])
+def test_scalar_prelu_log_prob_equals_the_chain(squash, layers, rank, output_bound, monkeypatch):
+    """The 1-D PReLU log-density in one autograd node (fastpath.py: PPO's evaluate_actions on a
+    1-D action) equals the chain of bijectors in float64, values and every parameter's
+    gradient; where output_bound scales some state, the chain runs instead."""
+    cflow = ConditionalFlow(
+        1, 4, layers, rank, (8,), squash=squash, init_strength=1.5, output_bound=output_bound
+    )
+    with torch.no_grad():
+        cflow.hyper[-1].weight.mul_(30)  # context-dependent, mixed-sign flows
+    context, weights = torch.randn(50, 4), torch.randn(50)
+    value = 0.999 * (2 * torch.rand(50, 1) - 1) if squash else 3 * torch.randn(50, 1)
+
+    def values_and_grads(fused: bool):
+        monkeypatch.setattr(flows._LayeredFlowDistribution, "fused", fused)
+        cflow.zero_grad()
+        dist = cflow(context)
+        log_prob = dist.log_prob(value)
+        (log_prob * weights).sum().backward()
+        # the fused path builds no bijectors
+        assert (dist._built is None) == (fused and output_bound != 2.0)
+        return [log_prob] + [p.grad.clone() for p in cflow.parameters()]
+
+    for a, b in zip(values_and_grads(True), values_and_grads(False)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize(("layers", "rank"), [(3, 1), (1, 0)])
+def test_scalar_prelu_log_prob_passes_gradcheck(layers, rank):
+    flow = Flow(1, layers, rank, init_strength=1.5, seed=0)
+    theta = (flow.theta + 0.5 * torch.randn(6, flow.theta.numel())).detach().requires_grad_()
+    value = 2 * torch.randn(6, 1)
+
+    def log_prob(theta):
+        return flows._LayeredFlowDistribution(flow.layout, theta, False).log_prob(value)
+
+    assert log_prob(theta).grad_fn.name() == "ScalarPReLULogProbBackward"
+    assert torch.autograd.gradcheck(log_prob, (theta,))
+
+
+def test_within_remembers_a_vector_that_passed():
+    """within's test is monotone in the batch's worst raw vector: it remembers the last vector
+    that passed (plus a margin) and passes batches below it without the screen, and still
+    screens, and fails, a batch with one state beyond it."""
+    layout = ConditionalFlow(2, 3, rank=1, seed=0).layout
+    theta = 0.1 * torch.randn(16, layout.num_params)
+    assert layout.within(theta, 1000.0)
+    screened = []
+    screen = layout._screen_worst
+    layout._screen_worst = lambda *args: screened.append(1) or screen(*args)
+    assert layout.within(0.5 * theta, 1000.0) and not screened
+    beyond = theta.clone()
+    beyond[3] = 10.0
+    assert not layout.within(beyond, 1000.0) and screened
+    assert not layout.within(torch.full((4, layout.num_params), 10.0), 1000.0)
+
+
+def test_layers_unbind_an_attribute_when_first_read():
+    """A flow's layers are views of bijectors built for all layers at once; each attribute is
+    split into its layers' views when a layer first reads it (a log-prob reads few)."""
+    cflow = ConditionalFlow(2, 3, layers=3, rank=1, nonlinearity="spline", seed=0)
+    theta = cflow.hyper(torch.randn(5, 3))
+    affines, nonlinear, _ = cflow.layout.layers(theta)
+    assert "scale_tril" not in vars(affines[1])
+    for i, layer in enumerate(affines):
+        reference = cflow.layout.layer(theta, 2 * i)
+        torch.testing.assert_close(layer.scale_tril, reference.scale_tril)
+        torch.testing.assert_close(layer.log_det(), reference.log_det())
+    assert "scale_tril" in vars(affines[1]) and "shift" not in vars(affines[1])
+    for i, layer in enumerate(nonlinear):
+        reference = cflow.layout.layer(theta, 2 * i + 1)
+        torch.testing.assert_close(layer.knots_y, reference.knots_y)
+        y = torch.randn(5, 2)
+        torch.testing.assert_close(layer.inv_and_ladj(y), reference.inv_and_ladj(y))
+
+
+def test_layer_views_first_read_under_no_grad_still_carry_gradients():
+    """Sampling under no_grad first reads (and splits) the layers' attributes; a log-prob after
+    it (a score-function update) still reaches every parameter."""
+    cflow = ConditionalFlow(2, 3, layers=2, rank=1, seed=0)
+    dist = cflow(torch.randn(5, 3))
+    with torch.no_grad():
+        u = dist.rsample((4,))
+    FlowDistribution(dist.base, dist.transforms).log_prob(u).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in cflow.parameters())
+
+
+def test_layer_views_copy_and_pickle_as_plain_bijectors():
+    import copy
+    import pickle
+
+    cflow = ConditionalFlow(2, 3, layers=2, rank=1, nonlinearity="spline", seed=0)
+    with torch.no_grad():
+        affines, nonlinear, _ = cflow.layout.layers(cflow.hyper(torch.randn(4, 3)))
+    y = torch.randn(4, 2)
+    for layer in (affines[1], nonlinear[0]):
+        for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+            assert type(twin) is type(layer).__mro__[1]  # the bijector's own class
+            torch.testing.assert_close(twin.inv(y), layer.inv(y))
