@@ -10,6 +10,12 @@ actor differs. Every ``--eval-every`` steps both are evaluated on the same goals
 - the axis goal: the goal straight north of the start, ``(0, 1.7)``, where both routes are
   equally long: success and route split of stochastic rollouts.
 
+Training adds Ornstein-Uhlenbeck action noise (``--ou-noise``, sigma 0.3; SB3's
+``action_noise``, reset every episode) to both policies' actions: a drift that persists through
+an episode carries the agent past the lake's equator, where SAC's own noise, uncorrelated from
+step to step, left some seeds of both policies hovering beside the lake at 0% success
+(``--ou-noise 0`` reproduces that). Evaluations use the policies alone, without the noise.
+
 The table gives, per policy and seed, the first evaluation with stochastic success >= 90%,
 and the final values. Finished runs are appended as JSON lines to ``--out``.
 
@@ -37,6 +43,7 @@ import numpy as np
 import torch
 from stable_baselines3 import SAC, HerReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.noise import OrnsteinUhlenbeckActionNoise
 
 import flowpolicy.envs as envs  # registers LakeCrossingGoal-v0
 from flowpolicy.sb3 import MultiInputFlowPolicy
@@ -113,13 +120,21 @@ class Evaluation(BaseCallback):
         return True
 
 
+def _ou(result: dict[str, Any]) -> float:
+    """The run's OU noise sigma (runs recorded before the option had none)."""
+    return result.get("ou_noise", result.get("args", {}).get("ou_noise", 0.0))
+
+
 def run(kind: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     policy_kwargs = dict(net_arch=[args.hidden, args.hidden])
+    # temporally correlated exploration, reset every episode (as the zoo's noise_type)
+    noise = OrnsteinUhlenbeckActionNoise(np.zeros(2), np.full(2, args.ou_noise))
     model = SAC(
         POLICIES[kind],
         gym.make("LakeCrossingGoal-v0", **ENV_KWARGS),
         policy_kwargs=policy_kwargs,
         seed=seed,
+        action_noise=noise if args.ou_noise > 0 else None,
         **SETTINGS,
     )
     evaluation = Evaluation(args.eval_every, args.eval_episodes, seed)
@@ -131,6 +146,8 @@ def run(kind: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         "policy": kind,
         "seed": seed,
         "steps": args.steps,
+        "eval_every": args.eval_every,
+        "ou_noise": args.ou_noise,
         "seconds": seconds,
         "steps_to_90": reached[0] if reached else None,
         "history": evaluation.history,
@@ -139,29 +156,38 @@ def run(kind: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
 
 def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
-        "| policy | seed | first eval with success >= 90% | success (stoch. / det.) | "
-        "drowned (stoch.) | routes cw / ccw (stoch.) | axis goal: success, cw / ccw | "
-        "minutes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| policy | OU | seed | steps (evaluated every) | first eval with success >= 90% | "
+        "success (stoch. / det.) | drowned (stoch.) | routes cw / ccw (stoch.) | "
+        "axis goal: success, cw / ccw | minutes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         last = r["history"][-1]
         s, d, a = last["stochastic"], last["deterministic"], last["axis"]
         first = "not reached" if r["steps_to_90"] is None else f"{r['steps_to_90']} steps"
+        every = r.get("eval_every") or r["args"]["eval_every"]
         lines.append(
-            f"| {r['policy']} | {r['seed']} | {first} | {s['success']:.2f} / "
+            f"| {r['policy']} | {_ou(r)} | {r['seed']} | {r['steps']} ({every}) | {first} | "
+            f"{s['success']:.2f} / "
             f"{d['success']:.2f} | {s['drowned']:.2f} | {s['cw']:.2f} / {s['ccw']:.2f} | "
             f"{a['success']:.2f}, {a['cw']:.2f} / {a['ccw']:.2f} | {r['seconds'] / 60:.1f} |"
         )
-    for kind in dict.fromkeys(r["policy"] for r in results):
-        finals = [r["history"][-1]["stochastic"]["success"] for r in results if r["policy"] == kind]
-        lines.append(f"| {kind}, median over seeds | | | {statistics.median(finals):.2f} | | | | |")
+    for kind, ou in dict.fromkeys((r["policy"], _ou(r)) for r in results):
+        runs = [r for r in results if (r["policy"], _ou(r)) == (kind, ou)]
+        finals = [r["history"][-1]["stochastic"]["success"] for r in runs]
+        reached = sum(r["steps_to_90"] is not None for r in runs)
+        lines.append(
+            f"| {kind}: median over seeds; seeds reaching 90% | {ou} | | | "
+            f"{reached} of {len(runs)} | {statistics.median(finals):.2f} | | | | |"
+        )
     note = (
-        f"\n{args.steps} steps per run, evaluated every {args.eval_every} steps on "
+        f"\nEvaluated on "
         f"{args.eval_episodes} episodes (random goals of the environment's sector, the same "
         f"goals for both policies; the axis goal {AXIS_GOAL}); LakeCrossingGoal-v0 with "
         f"{ENV_KWARGS or 'its default reward'}; SAC + HerReplayBuffer ('future', 4 goals, "
         f"copy_info_dict), lr 1e-3, batch 256, gamma 0.9, ent_coef {args.ent_coef}, "
+        f"Ornstein-Uhlenbeck action noise of sigma 'OU' in training (SB3's, theta 0.15, dt 0.01, "
+        f"reset every episode), "
         f"{args.hidden}x{args.hidden} "
         f"networks, 1000 random steps first. The flow is MultiInputFlowPolicy at its defaults "
         f"(4 PReLU layers, rank 1). One torch thread; the 2-core machine was shared with other "
@@ -193,6 +219,12 @@ def main() -> None:
             f"--{name.replace('_', '-')}", type=float, help=f"the env's {name} (its default)"
         )
     parser.add_argument("--ent-coef", default="auto", help="SAC's ent_coef, e.g. auto_0.1")
+    parser.add_argument(
+        "--ou-noise",
+        type=float,
+        default=0.3,
+        help="sigma of Ornstein-Uhlenbeck action noise added in training (0: none)",
+    )
     args = parser.parse_args()
     for name in ("shaping_weight", "step_cost", "home_bonus", "lake_penalty"):
         if getattr(args, name) is not None:
@@ -202,7 +234,6 @@ def main() -> None:
 
     if args.table_from:
         results = [json.loads(line) for path in args.table_from for line in open(path)]
-        args.steps = results[0]["steps"]  # the note states the runs' settings
         finish(results, args)
         return
     results = []
