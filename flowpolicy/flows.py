@@ -33,6 +33,7 @@ from flowpolicy.distribution import (
     squashed_gaussian,
 )
 from flowpolicy.fastpath import ScalarPReLULogProb
+from flowpolicy.fastpath_spline import ScalarSplineLogProb
 from flowpolicy.parametrization import FlowParams
 
 __all__ = ["ConditionalFlow", "Flow", "FlowDistribution", "quasi_normal", "squashed_gaussian"]
@@ -192,17 +193,13 @@ class _LayeredFlowDistribution(FlowDistribution):
             return None
         if self.output_bound is not None and not layout.within(theta, self.output_bound):
             return None  # some states are scaled down (output_scales): the chain handles them
-        affine = layout.chain[0]
+        affine, layers = layout.chain[0], len(layout.chain) // 2
+        args = (theta, value[:, 0], layout.scalar_rows, layers)
+        if layout.nonlinearity == "spline":
+            args += (layout.chain[1].bins, layout.chain[1].bound) if layers else (2, 1.0)
+        function = ScalarSplineLogProb if layout.nonlinearity == "spline" else ScalarPReLULogProb
         with torch.set_grad_enabled(self._grad_enabled and torch.is_grad_enabled()):
-            log_prob = ScalarPReLULogProb.apply(
-                theta,
-                value[:, 0],
-                layout.scalar_rows,
-                len(layout.chain) // 2,
-                affine.diag_offset,
-                affine.eps,
-            )
-        return log_prob
+            return function.apply(*args, affine.diag_offset, affine.eps)
 
     # the base is standard normal: drawn and scored without Normal's ops (a policy's step)
     def _base_rsample(self, sample_shape: Size) -> Tensor:

@@ -269,10 +269,13 @@ class FlowParams(nn.Module):
         # where each affine part (and each PReLU's log-slopes) lies in the raw vector, per layer
         self.affine_index = {name: np.array(rows, dtype=np.int64) for name, rows in index.items()}
         # d = 1 with PReLU layers: the raw entries the fused log-density reads (fastpath.py)
+        # d = 1 with spline layers: the affine rows, then each spline's (fastpath_spline.py)
         rows = None
-        if dim == 1 and nonlinearity == "prelu":
+        if dim == 1 and nonlinearity in ("prelu", "spline"):
             parts = [self.affine_index[n].ravel() for n in ("shift", "diag", "factor", "slope")]
-            rows = torch.as_tensor(np.concatenate(parts))
+            spline = [np.arange(o, o + s) for o, s in zip(self.offsets[1::2], self.sizes[1::2])]
+            rows = torch.as_tensor(np.concatenate(parts + spline * (nonlinearity == "spline")))
+        self.nonlinearity = nonlinearity
         self.register_buffer("scalar_rows", rows, persistent=False)
         self.register_buffer("zero", torch.zeros(dim), persistent=False)
         self.register_buffer("one", torch.ones(dim), persistent=False)
