@@ -28,52 +28,57 @@ from .spline import Spline
 _LOG_2PI = math.log(2 * math.pi)
 
 
+# the rows of a bin's table: left knots x and y, width, height, c = d0 + d1 - 2 s, the
+# quadratic's coefficients h (s - d0) and h d0 at dy = 0, slope s = h / w, derivatives d0, d1
+_ROWS = 10
+
+
 def _tables(raw: Tensor, bins: int, bound: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Per spline layer and state, the bins' quantities ``(layers, 6, K, B)``: left knots x and y,
-    widths, heights and the derivatives at both ends, from raw rows ``(layers, 3K - 1, B)`` as
-    :class:`Spline` builds them; also the bins' shares ``(layers, 2, K, B)`` (the softmax)."""
-    layers, K, B = len(raw), bins, bound
+    """Per spline layer, bin and state, the bin's quantities ``(layers, rows, K, B)``, from raw
+    rows ``(layers, 3K - 1, B)`` as :class:`Spline` builds them; also the bins' shares
+    ``(layers, 2, K, B)`` (the softmax) and the interior knots of y (the bin search)."""
+    K, B = bins, bound
     logits = raw[:, : 2 * K].unflatten(1, (2, K))
     e = (logits - logits.amax(2, keepdim=True)).exp()
     share = e / e.sum(2, keepdim=True)
-    sizes = (2 * B) * (Spline.min_bin + (1 - Spline.min_bin * K) * share)
+    sizes = (2 * B * Spline.min_bin) + (2 * B * (1 - Spline.min_bin * K)) * share
     # left knots -B + sum of the sizes before; the last size is B - its left knot in Spline,
     # the same function of the logits (the shares sum to one)
     left = F.pad(sizes[:, :, :-1].cumsum(2), (0, 0, 1, 0)) - B
     inner = Spline.min_derivative + F.softplus(raw[:, 2 * K :])
     derivs = F.pad(inner, (0, 0, 1, 1), value=1.0)  # (layers, K + 1, B): ends are 1
-    table = torch.cat([left, sizes, derivs[:, None, :-1], derivs[:, None, 1:]], 1)
-    return table, share, left[:, 1, 1:]  # the last: interior knots of y, for the bin search
+    d0, d1 = derivs[:, :-1], derivs[:, 1:]
+    w, h = sizes.unbind(1)
+    s = h / w
+    c = torch.sub(d0 + d1, s, alpha=2.0)
+    rows = [*left.unbind(1), w, h, c, h * (s - d0), h * d0, s, d0, d1]
+    return torch.stack(rows, 1), share, left[:, 1, 1:]
 
 
 def _invert(table: Tensor, knots_y: Tensor, v: Tensor, bound: float) -> tuple:
-    """One spline's inverse at ``v (B,)``: ``(x, bin, params (6, B), xi, inside)``, the quadratic
-    solved in :meth:`Spline.inv_and_state`'s cancellation-free form."""
-    inside = v.abs() < bound
+    """One spline's inverse at ``v (1, B)``: ``(x, bin, params (rows, 1, B), xi)``, the quadratic
+    solved in :meth:`Spline.inv_and_state`'s cancellation-free form. Outside [-B, B] the clamped
+    input sits on an end knot, where xi is 0 or 1: ``x = x(vc) + (v - vc)`` is the identity."""
     vc = v.clamp(-bound, bound)
     k = (vc >= knots_y).sum(0, keepdim=True)
-    params = table.gather(1, k.expand(6, 1, -1)).squeeze(1)
-    x_k, y_k, w, h, d0, d1 = params
-    s = h / w
-    c = d0 + d1 - 2 * s
+    params = table.gather(1, k.expand(_ROWS, 1, -1))
+    x_k, y_k, w, _, c, a0, b0, s, _, _ = params
     dy = vc - y_k
-    a = torch.addcmul(h * (s - d0), dy, c)
-    b = torch.addcmul(h * d0, dy, c, value=-1.0)
     s_dy = s * dy
-    discriminant = torch.addcmul(b * b, a, s_dy, value=4.0).clamp_min(0)
-    xi = ((2 * s_dy) / (b + discriminant.sqrt())).clamp(0, 1)
-    x = torch.where(inside, torch.addcmul(x_k, xi, w), v)
-    return x, k[0], params, xi, inside
+    b = torch.addcmul(b0, dy, c, value=-1.0)
+    discriminant = torch.addcmul(b * b, torch.addcmul(a0, dy, c), s_dy, value=4.0)
+    xi = (s_dy + s_dy) / (b + discriminant.clamp_min(0).sqrt())
+    return torch.addcmul(x_k, xi, w) + (v - vc), k, params, xi
 
 
-def _log_derivative(params: Tensor, xi: Tensor, inside: Tensor) -> Tensor:
-    """log dy/dx of the splines at their states (stacked over layers), 0 outside [-B, B]."""
-    _, _, w, h, d0, d1 = params.unbind(1)
-    s = h / w
-    t = xi - xi * xi
-    delta = torch.addcmul(s, d0 + d1 - 2 * s, t)
-    m = d1 * xi.square() + 2 * s * t + d0 * (1 - xi).square()
-    return torch.where(inside, 2 * s.log() + m.log() - 2 * delta.log(), 0.0)
+def _log_derivative(params: Tensor, xi: Tensor) -> Tensor:
+    """log dy/dx of the splines at their states (stacked over layers); 0 up to rounding outside
+    [-B, B] (xi 0 or 1 on an end knot, whose derivative is 1)."""
+    _, _, _, _, c, _, _, s, d0, d1 = params.unbind(1)
+    one_minus, xi2 = 1 - xi, xi * xi
+    t = xi - xi2
+    m = torch.addcmul(torch.addcmul(d1 * xi2, s, t, value=2.0), d0, one_minus * one_minus)
+    return torch.add(m.log(), (s / torch.addcmul(s, c, t)).log(), alpha=2.0)
 
 
 class ScalarSplineLogProb(torch.autograd.Function):
@@ -102,24 +107,25 @@ class ScalarSplineLogProb(torch.autograd.Function):
         c, inv_s, log_det, affine = scalar_affine_forward(raw[:n_affine], layers, diag_offset, eps)
         raw_spline = raw[n_affine:].unflatten(0, (layers, 3 * bins - 1))
         table, share, knots_y = _tables(raw_spline, bins, bound)
-        # the inverse chain, last layer first; per spline its bin, bin quantities, xi, inside
+        # the inverse chain, last layer first; per spline its input, bin, bin's row and xi;
+        # values are (1, B): a spline's gather keeps that dim
         u, inputs, states = value, [], []
+        cs, inv_ss = c[:, None].unbind(0), inv_s[:, None].unbind(0)
+        tables, knots = table.unbind(0), knots_y.unbind(0)
         for k in range(layers, 0, -1):
             inputs.append(u)
-            x, *state = _invert(table[k - 1], knots_y[k - 1], c[k] + inv_s[k] * u, bound)
-            states.append(state)
-            u = x
-        inputs.append(u)
-        z = c[0] + inv_s[0] * u
-        inputs = torch.stack(inputs[::-1])  # (K+1, B), layer order
+            v = torch.addcmul(cs[k], u, inv_ss[k])
+            u, *state = _invert(tables[k - 1], knots[k - 1], v, bound)
+            states.append((v, *state))
+        z = torch.addcmul(cs[0], u, inv_ss[0])[0]
+        inputs = torch.stack([u.expand(1, -1) for u in [u, *inputs[::-1]]])[:, 0]  # (K+1, B)
         ladj = log_det
         if layers:
-            k, params, xi, inside = (torch.stack(p[::-1]) for p in zip(*states))
-            ladj = ladj + _log_derivative(params, xi, inside).sum(0)
+            v, k, params, xi = (torch.stack(p[::-1]) for p in zip(*states))
+            ladj = ladj + _log_derivative(params, xi).sum(0)[0]
+            ctx.spline = (v, k, params, xi, share, raw_spline[:, 2 * bins :])
         log_prob = torch.sub(-0.5 * _LOG_2PI - ladj, z.square(), alpha=0.5)
         ctx.save_for_backward(rows, z, inputs, *affine)
-        if layers:
-            ctx.spline = (k, params, xi, inside, share, raw_spline[:, 2 * bins :])
         ctx.layers, ctx.bound, ctx.theta_shape = layers, bound, theta.shape
         return log_prob
 
@@ -127,88 +133,79 @@ class ScalarSplineLogProb(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         rows, z, inputs, *affine = ctx.saved_tensors
-        inv_s, layers = affine[-1], ctx.layers
-        d_out = [-z * grad]  # the gradient at each affine layer's inverse's output, z first
+        d_out = (-z * grad)[None]  # the gradient at each affine layer's inverse's output
         parts = []
-        if layers:
-            k, params, xi, inside, share, raw_derivs = ctx.spline
-            partials = _spline_partials(params, xi, inside, grad)
-            slope, offset = partials[:2]
-            d_in = []  # at each spline's output x: from its input y it is a x' + b (y = v)
-            for j in range(layers):
-                d_in.append(d_out[-1] * inv_s[j])
-                d_out.append(torch.addcmul(offset[j], d_in[-1], slope[j]))
-            d_y, d_x = torch.stack(d_out[1:]), torch.stack(d_in)
-            d_bins = _spline_param_grads(params, xi, inside, grad, d_x, d_y, partials)
+        if ctx.layers:
+            v, k, params, xi, share, raw_derivs = ctx.spline
+            inside = v.abs() < ctx.bound
+            d_out, d_bins = _spline_backward(params, xi, inside, grad, d_out, affine[-1])
             parts = [_raw_grads(d_bins, k, share, raw_derivs, ctx.bound)]
-        d_out = torch.stack(d_out)
         parts = scalar_affine_backward(d_out, grad, inputs, affine) + parts
         raw = torch.cat(parts).mT
         d_theta = raw.new_zeros(ctx.theta_shape).index_copy_(-1, rows, raw)
         return d_theta, None, None, None, None, None, None, None
 
 
-def _spline_partials(params: Tensor, xi: Tensor, inside: Tensor, grad: Tensor) -> tuple:
-    r"""What the backward needs of each spline at its state, ``(layers, B)`` each: the map from
-    the gradient at its output x to the one at its input y (``a g_x + b``), and the pieces of
-    :math:`\partial F / \partial p` and :math:`\partial \ell / \partial p`. The log-derivative
-    :math:`\ell` enters the log-prob with -1, so its gradient is ``-grad`` (0 outside)."""
-    _, _, w, h, d0, d1 = params.unbind(1)
-    s = h / w
-    one_minus = 1 - xi
-    t = xi * one_minus
-    c = d0 + d1 - 2 * s
-    delta = torch.addcmul(s, c, t)
-    n = s * xi.square() + d0 * t  # y = y_k + h n / delta
-    m = d1 * xi.square() + 2 * s * t + d0 * one_minus.square()  # dy/dx = s^2 m / delta^2
-    r = n / delta
-    dt = 1 - 2 * xi  # dt / dxi
-    # dF/dxi = h (n' delta - n delta') / delta^2, and dl/dxi = m'/m - 2 delta'/delta
+def _spline_backward(params, xi, inside, grad, d_out, inv_s) -> tuple[Tensor, Tensor]:
+    r"""The gradients at the affine layers' inverses' outputs ``(K+1, B)``, from the first's
+    ``d_out``, and of each spline's selected bin's ``x_k, y_k, w, h, d0, d1``, ``(layers, 6, 1,
+    B)``. With :math:`F(\xi) = y_k + h\,n/\Delta - y`, a gradient through xi is
+    :math:`-g_y\,\partial F/\partial p`, and :math:`g_y = (g_x w + g_\ell\,\ell_\xi)/F_\xi`; the
+    log-derivative :math:`\ell` enters the log-prob with -1 (0 outside [-B, B], x = y there)."""
+    _, _, w, h, c, _, _, s, d0, d1 = params.unbind(1)
+    inside = inside.to(xi.dtype)
+    one_minus, xi2 = 1 - xi, xi * xi
+    t, dt = xi * one_minus, one_minus - xi  # t = xi (1 - xi) and dt/dxi
+    om2 = one_minus * one_minus
+    inv_delta = torch.addcmul(s, c, t).reciprocal()
+    r = torch.addcmul(s * xi2, d0, t) * inv_delta  # y = y_k + h r
+    inv_m = torch.addcmul(torch.addcmul(d1 * xi2, s, t, value=2.0), d0, om2).reciprocal()
     d_delta = c * dt
-    f_xi = h * ((2 * s * xi + d0 * dt) - r * d_delta) / delta
-    l_xi = 2 * (d1 * xi + s * dt - d0 * one_minus) / m - 2 * d_delta / delta
-    d_l = torch.where(inside, -grad, 0.0)
-    # x = x_k + w xi and g_y = (g_x w + g_l l_xi) / F'(xi); outside, x = y
-    slope = torch.where(inside, w / f_xi, 1.0)
-    offset = torch.where(inside, d_l * l_xi / f_xi, 0.0)
-    return slope, offset, s, t, delta, n, m, r, d_l
-
-
-def _spline_param_grads(
-    params: Tensor, xi: Tensor, inside: Tensor, grad: Tensor, d_x: Tensor, d_y: Tensor, partials
-) -> Tensor:
-    """The gradients of each spline's selected bin's ``x_k, y_k, w, h, d0, d1``, ``(layers, 6,
-    B)``, from those at its output ``d_x`` and input ``d_y``: through xi, ``-d_y dF/dp``."""
-    _, _, w, h, d0, d1 = params.unbind(1)
-    _, _, s, t, delta, n, m, r, d_l = partials
-    d_f = torch.where(inside, -d_y, 0.0)  # the gradient of F through xi
-    d_x = torch.where(inside, d_x, 0.0)
-    inv_delta = delta.reciprocal()
-    two_t_delta = 2 * t * inv_delta
-    # dr/ds = (xi^2 - r (1 - 2t)) / delta, dl/ds = 2/s + 2t/m - 2 (1 - 2t)/delta
-    d_s = d_f * h * (xi.square() - r * (1 - 2 * t)) * inv_delta
-    d_s = d_s + d_l * (2 / s + 2 * t / m - 2 * (1 - 2 * t) * inv_delta)
-    # dr/dd0 = t (1 - r)/delta, dr/dd1 = -t r/delta; dl/dd0 = (1-xi)^2/m - 2t/delta, ...
-    d_d0 = d_f * h * t * (1 - r) * inv_delta + d_l * ((1 - xi).square() / m - two_t_delta)
-    d_d1 = -d_f * h * t * r * inv_delta + d_l * (xi.square() / m - two_t_delta)
-    d_h = d_f * r + d_s / w  # s = h / w
-    d_w = d_x * xi - d_s * s / w
-    return torch.stack([d_x, d_f, d_w, d_h, d_d0, d_d1], 1)
+    # F_xi = h (n' - r delta') / delta, l_xi = m'/m - 2 delta'/delta (m' = 2 (...))
+    f_xi = torch.addcmul(torch.addcmul(d0 * dt, s, xi, value=2.0), r, d_delta, value=-1.0)
+    inv_f = (f_xi * h * inv_delta).reciprocal()
+    m_xi = torch.addcmul(torch.addcmul(d1 * xi, s, dt), d0, one_minus, value=-1.0)
+    l_xi = 2 * (m_xi * inv_m - d_delta * inv_delta)
+    d_l = inside * -grad
+    slope = torch.addcmul(1 - inside, inside, w * inv_f)  # 1 outside
+    offset = d_l * l_xi * inv_f
+    d_outs, d_ins = [d_out[0]], []
+    for j, (a, b) in enumerate(zip(slope[:, 0].unbind(0), offset[:, 0].unbind(0))):
+        d_ins.append(d_outs[-1] * inv_s[j])
+        d_outs.append(torch.addcmul(b, d_ins[-1], a))
+    d_out = torch.stack(d_outs)
+    d_f, d_x = -d_out[1:, None] * inside, torch.stack(d_ins)[:, None] * inside
+    # dr/ds = (xi^2 - r (1 - 2t)) / delta, dl/ds = 2 (1/s + t/m - (1 - 2t)/delta)
+    q, two_t = 1 - 2 * t, 2 * t * inv_delta
+    fh = d_f * h * inv_delta
+    d_s = torch.addcmul(
+        fh * torch.addcmul(xi2, r, q, value=-1.0),
+        d_l,
+        torch.addcmul(torch.addcmul(s.reciprocal(), t, inv_m), q, inv_delta, value=-1.0),
+        value=2.0,
+    )
+    # dr/dd0 = t (1 - r) / delta, dr/dd1 = -t r / delta; dl/dd0 = (1 - xi)^2/m - 2t/delta, ...
+    fht = fh * t
+    d_d0 = torch.addcmul(fht * (1 - r), d_l, om2 * inv_m - two_t)
+    d_d1 = torch.addcmul(-fht * r, d_l, xi2 * inv_m - two_t)
+    d_s_w = d_s / w  # s = h / w
+    d_h = torch.addcmul(d_s_w, d_f, r)
+    d_w = torch.addcmul(d_x * xi, d_s_w, s, value=-1.0)
+    return d_out, torch.stack([d_x, d_f, d_w, d_h, d_d0, d_d1], 1)
 
 
 def _raw_grads(d_bins: Tensor, k: Tensor, share: Tensor, raw_derivs: Tensor, bound: float):
     """The raw rows' gradients ``(layers * (3K - 1), B)`` from the selected bins' (``d_bins``,
-    bins ``k (layers, B)``): scattered onto the bins, then through the cumulative sums (a left
+    bins ``k (layers, 1, B)``): scattered onto the bins, then through the cumulative sums (a left
     knot is the sum of the sizes before it), the softmax and the derivatives' softplus."""
     layers, _, K, B = share.shape
-    index = torch.arange(K + 1, device=k.device)[:, None]
-    at_k = (index == k[:, None]).to(d_bins.dtype)  # (layers, K + 1, B)
-    at_next = (index == k[:, None] + 1).to(d_bins.dtype)
-    d_left = d_bins[:, 0:2, None] * at_k[:, None, :K]  # (layers, 2, K, B)
-    d_sizes = d_bins[:, 2:4, None] * at_k[:, None, :K]
+    index = k[:, None].expand(layers, 6, 1, B)
+    d_table = d_bins.new_zeros(layers, 6, K + 1, B).scatter_(2, index, d_bins)
+    d_left, d_sizes = d_table[:, 0:2, :K], d_table[:, 2:4, :K]  # (layers, 2, K, B)
     d_sizes = d_sizes + d_left.sum(2, keepdim=True) - d_left.cumsum(2)  # sum over later knots
     d_share = d_sizes * (2 * bound * (1 - Spline.min_bin * K))
     d_logits = share * (d_share - (d_share * share).sum(2, keepdim=True))
-    d_derivs = d_bins[:, 4:5] * at_k + d_bins[:, 5:6] * at_next  # (layers, K + 1, B)
-    d_raw = d_derivs[:, 1:K] * torch.sigmoid(raw_derivs)
+    # d0 is the derivative at the bin's left end, d1 at its right (the next entry)
+    d_derivs = d_table[:, 4, 1:K] + d_table[:, 5, : K - 1]
+    d_raw = d_derivs * torch.sigmoid(raw_derivs)
     return torch.cat([d_logits.flatten(1, 2), d_raw], 1).flatten(0, 1)
