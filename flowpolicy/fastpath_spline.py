@@ -33,26 +33,26 @@ _LOG_2PI = math.log(2 * math.pi)
 _ROWS = 10
 
 
-def _tables(raw: Tensor, bins: int, bound: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Per spline layer, bin and state, the bin's quantities ``(layers, rows, K, B)``, from raw
-    rows ``(layers, 3K - 1, B)`` as :class:`Spline` builds them; also the bins' shares
-    ``(layers, 2, K, B)`` (the softmax) and the interior knots of y (the bin search)."""
-    K, B = bins, bound
-    logits = raw[:, : 2 * K].unflatten(1, (2, K))
+def _tables(logits: Tensor, raw_derivs: Tensor, bound: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Per spline layer, bin and state, the bin's quantities ``(layers, rows, K, B)``, from the
+    raw width and height logits ``(layers, 2, K, B)`` and derivatives ``(layers, K - 1, B)`` as
+    :class:`Spline` builds them; also the bins' shares ``(layers, 2, K, B)`` (the softmax) and the
+    interior knots of y, ``(layers, B, K - 1)`` (the bin search)."""
+    K, B = logits.shape[2], bound
     e = (logits - logits.amax(2, keepdim=True)).exp()
     share = e / e.sum(2, keepdim=True)
     sizes = (2 * B * Spline.min_bin) + (2 * B * (1 - Spline.min_bin * K)) * share
     # left knots -B + sum of the sizes before; the last size is B - its left knot in Spline,
     # the same function of the logits (the shares sum to one)
     left = F.pad(sizes[:, :, :-1].cumsum(2), (0, 0, 1, 0)) - B
-    inner = Spline.min_derivative + F.softplus(raw[:, 2 * K :])
+    inner = Spline.min_derivative + F.softplus(raw_derivs)
     derivs = F.pad(inner, (0, 0, 1, 1), value=1.0)  # (layers, K + 1, B): ends are 1
     d0, d1 = derivs[:, :-1], derivs[:, 1:]
     w, h = sizes.unbind(1)
     s = h / w
     c = torch.sub(d0 + d1, s, alpha=2.0)
     rows = [*left.unbind(1), w, h, c, h * (s - d0), h * d0, s, d0, d1]
-    return torch.stack(rows, 1), share, left[:, 1, 1:]
+    return torch.stack(rows, 1), share, left[:, 1, 1:].mT.contiguous()
 
 
 def _invert(table: Tensor, knots_y: Tensor, v: Tensor, bound: float) -> tuple:
@@ -60,7 +60,7 @@ def _invert(table: Tensor, knots_y: Tensor, v: Tensor, bound: float) -> tuple:
     solved in :meth:`Spline.inv_and_state`'s cancellation-free form. Outside [-B, B] the clamped
     input sits on an end knot, where xi is 0 or 1: ``x = x(vc) + (v - vc)`` is the identity."""
     vc = v.clamp(-bound, bound)
-    k = (vc >= knots_y).sum(0, keepdim=True)
+    k = torch.searchsorted(knots_y, vc.mT, right=True).mT  # the number of knots <= vc
     params = table.gather(1, k.expand(_ROWS, 1, -1))
     x_k, y_k, w, _, c, a0, b0, s, _, _ = params
     dy = vc - y_k
@@ -78,7 +78,7 @@ def _log_derivative(params: Tensor, xi: Tensor) -> Tensor:
     one_minus, xi2 = 1 - xi, xi * xi
     t = xi - xi2
     m = torch.addcmul(torch.addcmul(d1 * xi2, s, t, value=2.0), d0, one_minus * one_minus)
-    return torch.add(m.log(), (s / torch.addcmul(s, c, t)).log(), alpha=2.0)
+    return (m * (s / torch.addcmul(s, c, t)).square()).log()  # one log: a slow op on CPU
 
 
 class ScalarSplineLogProb(torch.autograd.Function):
@@ -102,11 +102,16 @@ class ScalarSplineLogProb(torch.autograd.Function):
         diag_offset: float,
         eps: float,
     ) -> Tensor:
-        raw = theta.index_select(-1, rows).mT  # (len(rows), B)
+        # contiguous rows: softplus is several times slower on a strided view
+        raw = theta.index_select(-1, rows).mT.contiguous()  # (len(rows), B)
         n_affine = len(rows) - layers * (3 * bins - 1)
         c, inv_s, log_det, affine = scalar_affine_forward(raw[:n_affine], layers, diag_offset, eps)
-        raw_spline = raw[n_affine:].unflatten(0, (layers, 3 * bins - 1))
-        table, share, knots_y = _tables(raw_spline, bins, bound)
+        logits, raw_derivs = raw[n_affine:].split([2 * bins * layers, (bins - 1) * layers])
+        logits, raw_derivs = (
+            logits.unflatten(0, (layers, 2, bins)),
+            raw_derivs.unflatten(0, (layers, bins - 1)),
+        )
+        table, share, knots_y = _tables(logits, raw_derivs, bound)
         # the inverse chain, last layer first; per spline its input, bin, bin's row and xi;
         # values are (1, B): a spline's gather keeps that dim
         u, inputs, states = value, [], []
@@ -123,7 +128,7 @@ class ScalarSplineLogProb(torch.autograd.Function):
         if layers:
             v, k, params, xi = (torch.stack(p[::-1]) for p in zip(*states))
             ladj = ladj + _log_derivative(params, xi).sum(0)[0]
-            ctx.spline = (v, k, params, xi, share, raw_spline[:, 2 * bins :])
+            ctx.spline = (v, k, params, xi, share, raw_derivs)
         log_prob = torch.sub(-0.5 * _LOG_2PI - ladj, z.square(), alpha=0.5)
         ctx.save_for_backward(rows, z, inputs, *affine)
         ctx.layers, ctx.bound, ctx.theta_shape = layers, bound, theta.shape
@@ -195,7 +200,7 @@ def _spline_backward(params, xi, inside, grad, d_out, inv_s) -> tuple[Tensor, Te
 
 
 def _raw_grads(d_bins: Tensor, k: Tensor, share: Tensor, raw_derivs: Tensor, bound: float):
-    """The raw rows' gradients ``(layers * (3K - 1), B)`` from the selected bins' (``d_bins``,
+    """The raw rows' gradients (the logits', then the derivatives', as ``forward`` reads them) from the selected bins' (``d_bins``,
     bins ``k (layers, 1, B)``): scattered onto the bins, then through the cumulative sums (a left
     knot is the sum of the sizes before it), the softmax and the derivatives' softplus."""
     layers, _, K, B = share.shape
@@ -208,4 +213,4 @@ def _raw_grads(d_bins: Tensor, k: Tensor, share: Tensor, raw_derivs: Tensor, bou
     # d0 is the derivative at the bin's left end, d1 at its right (the next entry)
     d_derivs = d_table[:, 4, 1:K] + d_table[:, 5, : K - 1]
     d_raw = d_derivs * torch.sigmoid(raw_derivs)
-    return torch.cat([d_logits.flatten(1, 2), d_raw], 1).flatten(0, 1)
+    return torch.cat([d_logits.flatten(0, 2), d_raw.flatten(0, 1)])

@@ -273,8 +273,10 @@ class FlowParams(nn.Module):
         rows = None
         if dim == 1 and nonlinearity in ("prelu", "spline"):
             parts = [self.affine_index[n].ravel() for n in ("shift", "diag", "factor", "slope")]
-            spline = [np.arange(o, o + s) for o, s in zip(self.offsets[1::2], self.sizes[1::2])]
-            rows = torch.as_tensor(np.concatenate(parts + spline * (nonlinearity == "spline")))
+            if nonlinearity == "spline":  # all layers' width and height logits, then derivatives
+                parts += [np.arange(o, o + 2 * bins) for o in self.offsets[1:-1:2]]
+                parts += [np.arange(o + 2 * bins, o + 3 * bins - 1) for o in self.offsets[1:-1:2]]
+            rows = torch.as_tensor(np.concatenate(parts))
         self.nonlinearity = nonlinearity
         self.register_buffer("scalar_rows", rows, persistent=False)
         self.register_buffer("zero", torch.zeros(dim), persistent=False)
