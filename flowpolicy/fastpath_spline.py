@@ -200,9 +200,10 @@ def _spline_backward(params, xi, inside, grad, d_out, inv_s) -> tuple[Tensor, Te
 
 
 def _raw_grads(d_bins: Tensor, k: Tensor, share: Tensor, raw_derivs: Tensor, bound: float):
-    """The raw rows' gradients (the logits', then the derivatives', as ``forward`` reads them) from the selected bins' (``d_bins``,
-    bins ``k (layers, 1, B)``): scattered onto the bins, then through the cumulative sums (a left
-    knot is the sum of the sizes before it), the softmax and the derivatives' softplus."""
+    """The raw rows' gradients (all logits, then all derivatives, as ``forward`` reads them)
+    from the selected bins' (``d_bins``, bins ``k (layers, 1, B)``): scattered onto the bins,
+    then through the cumulative sums (a left knot is the sum of the sizes before it), the
+    softmax and the derivatives' softplus."""
     layers, _, K, B = share.shape
     index = k[:, None].expand(layers, 6, 1, B)
     d_table = d_bins.new_zeros(layers, 6, K + 1, B).scatter_(2, index, d_bins)
