@@ -14,7 +14,9 @@ autograd node (a few microseconds at a batch of 64) more than its arithmetic.
   is computed from the raw parameters with the forward pass outside autograd's graph and a
   hand-written backward pass (vectorized over the layers: the chain's gradient is a cumulative
   product). It is the map of the general chain (``FlowParams.layers`` and the bijectors'
-  inverses), which the tests compare it with in float64, values and gradients.
+  inverses), which the tests compare it with in float64, values and gradients. Its affine part
+  (``scalar_affine_forward`` / ``scalar_affine_backward``) is shared with the spline flows'
+  :class:`~flowpolicy.fastpath_spline.ScalarSplineLogProb`.
 """
 
 from __future__ import annotations
