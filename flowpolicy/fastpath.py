@@ -14,7 +14,9 @@ autograd node (a few microseconds at a batch of 64) more than its arithmetic.
   is computed from the raw parameters with the forward pass outside autograd's graph and a
   hand-written backward pass (vectorized over the layers: the chain's gradient is a cumulative
   product). It is the map of the general chain (``FlowParams.layers`` and the bijectors'
-  inverses), which the tests compare it with in float64, values and gradients.
+  inverses), which the tests compare it with in float64, values and gradients. Its affine part
+  (``scalar_affine_forward`` / ``scalar_affine_backward``) is shared with the spline flows'
+  :class:`~flowpolicy.fastpath_spline.ScalarSplineLogProb`.
 """
 
 from __future__ import annotations
@@ -104,6 +106,40 @@ def unbind_layers(transform: Transform) -> list[Transform]:
     return layers
 
 
+def scalar_affine_forward(raw: Tensor, layers: int, diag_offset: float, eps: float) -> tuple:
+    """The ``K + 1`` scalar affine layers of a 1-D flow, all at once, from their raw rows
+    ``[shift (K+1), raw diagonal (K+1), factor (K+1 or 0)]`` of shape ``(rows, B)``: each inverse
+    is ``x = c + s^-1 y``. Returns ``(c, inv_s, log_det, saved)``, ``saved`` for the backward."""
+    n = layers + 1
+    shift, raw_diag, factor = raw[:n], raw[n : 2 * n], raw[2 * n :]  # factor empty for rank 0
+    diag_in = raw_diag + diag_offset
+    L = F.softplus(diag_in) + eps  # AffineParams' diagonal
+    f2 = factor.square()
+    q = 1 + f2 if len(factor) else torch.ones_like(L)
+    inv_s = (L * q).reciprocal()
+    c = -shift * inv_s  # x = c + s^-1 y, as Affine's inverse
+    log_det = -inv_s.log().sum(0)  # log L + log1p(f^2): one log (a slow op) for all
+    return c, inv_s, log_det, (shift, diag_in, L, factor, q, inv_s)
+
+
+def scalar_affine_backward(
+    d_out: Tensor, grad: Tensor, inputs: Tensor, saved: tuple
+) -> list[Tensor]:
+    """Gradients of the affine layers' raw rows (as ``scalar_affine_forward`` reads them) from
+    ``d_out (K+1, B)``, the gradient at each layer's inverse's output, ``grad``, the log-prob's
+    (each log-det enters with -1), and ``inputs (K+1, B)``, each inverse's input y."""
+    shift, diag_in, L, factor, q, inv_s = saved
+    # c = -b s^-1, s^-1 = 1 / (L q), log-det log L + log1p(f^2)
+    d_shift = -d_out * inv_s
+    d_inv_s = d_out * (inputs - shift)
+    d_s = -d_inv_s * inv_s.square()
+    d_L = d_s * q - grad / L
+    parts = [d_shift, d_L * torch.sigmoid(diag_in)]
+    if len(factor):
+        parts.append((d_s * L - grad / q) * 2 * factor)
+    return parts
+
+
 class ScalarPReLULogProb(torch.autograd.Function):
     """``log q(value)`` of a 1-D PReLU flow from its raw parameters ``theta (B, P)``.
 
@@ -116,17 +152,11 @@ class ScalarPReLULogProb(torch.autograd.Function):
     def forward(
         ctx, theta: Tensor, value: Tensor, rows: Tensor, layers: int, diag_offset: float, eps: float
     ) -> Tensor:
-        raw = theta.index_select(-1, rows).mT  # (len(rows), B)
-        shift, raw_diag = raw[: layers + 1], raw[layers + 1 : 2 * layers + 2]
-        factor = raw[2 * layers + 2 : len(rows) - layers]  # empty for rank 0
+        raw = theta.index_select(-1, rows).mT.contiguous()  # (len(rows), B)
         log_slope = raw[len(rows) - layers :]
-        diag_in = raw_diag + diag_offset
-        L = F.softplus(diag_in) + eps
-        f2 = factor.square()
-        q = 1 + f2 if len(factor) else torch.ones_like(L)
-        inv_s = (L * q).reciprocal()
-        c = -shift * inv_s  # x = c + s^-1 y, as Affine's inverse
-        log_det = L.log().sum(0) + torch.log1p(f2).sum(0)
+        c, inv_s, log_det, affine = scalar_affine_forward(
+            raw[: len(rows) - layers], layers, diag_offset, eps
+        )
         # the inverse chain, last layer first; per layer its input u, and the PReLU's factor
         inv_slope = (-log_slope).exp()
         u, inputs, scales, negatives = value, [], [], []
@@ -149,14 +179,15 @@ class ScalarPReLULogProb(torch.autograd.Function):
             negative, scale = z.new_empty(0, len(z), dtype=torch.bool), z.new_empty(0, len(z))
         log_prob = torch.sub(-0.5 * _LOG_2PI - ladj, z.square(), alpha=0.5)
         inputs = torch.stack(inputs[::-1])  # (K+1, B), layer order
-        ctx.save_for_backward(rows, L, factor, q, inv_s, shift, diag_in, z, inputs)
+        ctx.save_for_backward(rows, z, inputs, *affine)
         ctx.prelu, ctx.theta_shape = (negative, scale), theta.shape
         return log_prob
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        rows, L, factor, q, inv_s, shift, diag_in, z, inputs = ctx.saved_tensors
+        rows, z, inputs, *affine = ctx.saved_tensors
+        inv_s = affine[-1]
         negative, scale = ctx.prelu
         layers = len(negative)
         # the gradient at each affine layer's output (z first): from one to the next it is
@@ -165,14 +196,7 @@ class ScalarPReLULogProb(torch.autograd.Function):
         d_out = (-z * grad) * torch.cat([torch.ones_like(inv_s[:1]), factors.cumprod(0)])
         d_in = d_out[:layers] * inv_s[:layers]  # at each PReLU's output u = v e^{-a} (v < 0)
         d_slope = torch.where(negative, -(d_in * inputs[:layers]) - grad, 0.0)
-        # c = -b s^-1, s^-1 = 1 / (L q), log-det log L + log1p(f^2)
-        d_shift = -d_out * inv_s
-        d_inv_s = d_out * (inputs - shift)
-        d_s = -d_inv_s * inv_s.square()
-        d_L = d_s * q - grad / L
-        parts = [d_shift, d_L * torch.sigmoid(diag_in)]
-        if len(factor):
-            parts.append((d_s * L - grad / q) * 2 * factor)
+        parts = scalar_affine_backward(d_out, grad, inputs, affine)
         raw = torch.cat(parts + [d_slope]).mT
         d_theta = raw.new_zeros(ctx.theta_shape).index_copy_(-1, rows, raw)
         return d_theta, None, None, None, None, None

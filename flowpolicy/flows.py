@@ -33,6 +33,7 @@ from flowpolicy.distribution import (
     squashed_gaussian,
 )
 from flowpolicy.fastpath import ScalarPReLULogProb
+from flowpolicy.fastpath_spline import ScalarSplineLogProb
 from flowpolicy.parametrization import FlowParams
 
 __all__ = ["ConditionalFlow", "Flow", "FlowDistribution", "quasi_normal", "squashed_gaussian"]
@@ -172,12 +173,15 @@ class _LayeredFlowDistribution(FlowDistribution):
             log_det = log_det + nonlinear[0]._ladj_of_state(*stacked).sum((dim, -1))
         return self._base_log_prob(affines[0].inv(value)) - log_det
 
-    # the fused 1-D PReLU log-density (fastpath.py); tests turn it off to compare with the chain
+    # the fused 1-D PReLU and spline log-densities (fastpath.py, fastpath_spline.py); tests turn
+    # them off to compare with the chain
     fused = True
 
     def _scalar_log_prob(self, value: Tensor) -> Tensor | None:
-        """The log-density of a 1-D PReLU flow with one value per state in one autograd node
-        (:class:`~flowpolicy.fastpath.ScalarPReLULogProb`), or ``None`` where it does not apply."""
+        """The log-density of a 1-D PReLU or spline flow with one value per state in one autograd
+        node (:class:`~flowpolicy.fastpath.ScalarPReLULogProb`,
+        :class:`~flowpolicy.fastpath_spline.ScalarSplineLogProb`), or ``None`` where it does not
+        apply."""
         layout, theta = self.layout, self.theta
         applies = (
             self.fused
@@ -192,17 +196,12 @@ class _LayeredFlowDistribution(FlowDistribution):
             return None
         if self.output_bound is not None and not layout.within(theta, self.output_bound):
             return None  # some states are scaled down (output_scales): the chain handles them
-        affine = layout.chain[0]
+        affine, spline = layout.chain[0], layout.scalar_spline
+        args = (theta, value[:, 0], layout.scalar_rows, len(layout.chain) // 2)
+        function = ScalarPReLULogProb if spline is None else ScalarSplineLogProb
+        args += () if spline is None else spline  # bins and bound
         with torch.set_grad_enabled(self._grad_enabled and torch.is_grad_enabled()):
-            log_prob = ScalarPReLULogProb.apply(
-                theta,
-                value[:, 0],
-                layout.scalar_rows,
-                len(layout.chain) // 2,
-                affine.diag_offset,
-                affine.eps,
-            )
-        return log_prob
+            return function.apply(*args, affine.diag_offset, affine.eps)
 
     # the base is standard normal: drawn and scored without Normal's ops (a policy's step)
     def _base_rsample(self, sample_shape: Size) -> Tensor:

@@ -268,10 +268,15 @@ class FlowParams(nn.Module):
         self.register_buffer("signed", signed, persistent=False)
         # where each affine part (and each PReLU's log-slopes) lies in the raw vector, per layer
         self.affine_index = {name: np.array(rows, dtype=np.int64) for name, rows in index.items()}
-        # d = 1 with PReLU layers: the raw entries the fused log-density reads (fastpath.py)
-        rows = None
-        if dim == 1 and nonlinearity == "prelu":
+        # d = 1 with PReLU or spline layers: the raw entries the fused log-density reads
+        # (fastpath.py, fastpath_spline.py), and a spline's bins and bound
+        rows, self.scalar_spline = None, None
+        if dim == 1 and nonlinearity in ("prelu", "spline"):
             parts = [self.affine_index[n].ravel() for n in ("shift", "diag", "factor", "slope")]
+            if nonlinearity == "spline":  # all layers' width and height logits, then derivatives
+                parts += [np.arange(o, o + 2 * bins) for o in self.offsets[1:-1:2]]
+                parts += [np.arange(o + 2 * bins, o + 3 * bins - 1) for o in self.offsets[1:-1:2]]
+                self.scalar_spline = (bins, float(bound))
             rows = torch.as_tensor(np.concatenate(parts))
         self.register_buffer("scalar_rows", rows, persistent=False)
         self.register_buffer("zero", torch.zeros(dim), persistent=False)

@@ -773,6 +773,76 @@ def test_scalar_prelu_log_prob_passes_gradcheck(layers, rank):
     assert torch.autograd.gradcheck(log_prob, (theta,))
 
 
+@pytest.mark.parametrize("squash", [False, True])
+@pytest.mark.parametrize(("layers", "rank"), [(4, 1), (4, 0), (2, 0), (2, 1), (0, 1)])
+@pytest.mark.parametrize("output_bound", [None, 1000.0, 2.0])
+def test_scalar_spline_log_prob_equals_the_chain(squash, layers, rank, output_bound, monkeypatch):
+    """The 1-D spline log-density in one autograd node (fastpath_spline.py) equals the chain of
+    bijectors in float64, values and every parameter's gradient, with the splines' inputs in
+    many bins and outside [-B, B] (the identity tails); where output_bound scales some state,
+    the chain runs instead."""
+    from flowpolicy import fastpath_spline
+
+    cflow = ConditionalFlow(
+        1, 4, layers, rank, (8,), "spline", squash, bins=5, bound=1.5, init_strength=1.5,
+        output_bound=output_bound,
+    )  # fmt: skip
+    with torch.no_grad():
+        cflow.hyper[-1].weight.mul_(10)  # context-dependent, varied splines
+    context, weights = torch.randn(200, 4), torch.randn(200)
+    value = 0.999 * (2 * torch.rand(200, 1) - 1) if squash else 2 * torch.randn(200, 1)
+    bins, inside = [], []
+    invert = fastpath_spline._invert
+
+    def spy(table, knots_y, v, bound):  # the splines' inputs' bins, and if within [-B, B]
+        out = invert(table, knots_y, v, bound)
+        bins.append(out[1]), inside.append(v.abs() < bound)
+        return out
+
+    monkeypatch.setattr(fastpath_spline, "_invert", spy)
+
+    def values_and_grads(fused: bool):
+        monkeypatch.setattr(flows._LayeredFlowDistribution, "fused", fused)
+        cflow.zero_grad()
+        dist = cflow(context)
+        log_prob = dist.log_prob(value)
+        (log_prob * weights).sum().backward()
+        assert (dist._built is None) == (fused and output_bound != 2.0)
+        return [log_prob] + [p.grad.clone() for p in cflow.parameters()]
+
+    for a, b in zip(values_and_grads(True), values_and_grads(False)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    if layers and output_bound != 2.0:
+        inside = torch.cat(inside)
+        assert inside.any() and not inside.all()
+        assert len(torch.cat(bins)[inside].unique()) == 5
+
+
+@pytest.mark.parametrize(("layers", "rank"), [(3, 1), (1, 0), (0, 1)])
+def test_scalar_spline_log_prob_passes_gradcheck(layers, rank):
+    flow = Flow(1, layers, rank, "spline", bins=4, bound=2.0, init_strength=1.5, seed=0)
+    theta = (flow.theta + 0.5 * torch.randn(6, flow.theta.numel())).detach().requires_grad_()
+    value = 2 * torch.randn(6, 1)
+
+    def log_prob(theta):
+        return flows._LayeredFlowDistribution(flow.layout, theta, False).log_prob(value)
+
+    assert log_prob(theta).grad_fn.name() == "ScalarSplineLogProbBackward"
+    assert torch.autograd.gradcheck(log_prob, (theta,))
+
+
+def test_scalar_spline_log_prob_falls_back_where_it_does_not_apply():
+    """Several values per state, a value that needs a gradient, or d = 2: the general chain."""
+    flow = Flow(1, 2, 1, "spline", seed=0)
+    theta = flow.theta.expand(5, -1)
+    dist = flows._LayeredFlowDistribution(flow.layout, theta, False)
+    assert dist.log_prob(torch.randn(5, 1)).grad_fn.name() == "ScalarSplineLogProbBackward"
+    for value in (torch.randn(3, 5, 1), torch.randn(5, 1, requires_grad=True)):
+        assert dist._scalar_log_prob(value) is None
+        assert dist.log_prob(value).grad_fn.name() != "ScalarSplineLogProbBackward"
+    assert Flow(2, 2, 1, "spline", seed=0).layout.scalar_rows is None
+
+
 def test_within_remembers_a_vector_that_passed():
     """within's test is monotone in the batch's worst raw vector: it remembers the last vector
     that passed (plus a margin) and passes batches below it without the screen, and still
