@@ -731,6 +731,25 @@ def test_coupling_arguments_are_validated():
 # --- issue 18: PPO's log-prob of stored actions, fewer ops -----------------------------------
 
 
+def _assert_fused_equals_chain(cflow, context, value, output_bound, monkeypatch):
+    """The fused 1-D log-density and the chain of bijectors agree in float64: values and every
+    parameter's gradient of a weighted sum; the fused path builds no bijectors, except where
+    ``output_bound=2`` scales some state and the chain runs instead."""
+    weights = torch.randn(len(context))
+
+    def values_and_grads(fused: bool):
+        monkeypatch.setattr(flows._LayeredFlowDistribution, "fused", fused)
+        cflow.zero_grad()
+        dist = cflow(context)
+        log_prob = dist.log_prob(value)
+        (log_prob * weights).sum().backward()
+        assert (dist._built is None) == (fused and output_bound != 2.0)
+        return [log_prob] + [p.grad.clone() for p in cflow.parameters()]
+
+    for a, b in zip(values_and_grads(True), values_and_grads(False)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("squash", [False, True])
 @pytest.mark.parametrize(("layers", "rank"), [(4, 1), (2, 0), (0, 1)])
 @pytest.mark.parametrize("output_bound", [None, 1000.0, 2.0])
@@ -743,21 +762,9 @@ def test_scalar_prelu_log_prob_equals_the_chain(squash, layers, rank, output_bou
     )
     with torch.no_grad():
         cflow.hyper[-1].weight.mul_(30)  # context-dependent, mixed-sign flows
-    context, weights = torch.randn(50, 4), torch.randn(50)
+    context = torch.randn(50, 4)
     value = 0.999 * (2 * torch.rand(50, 1) - 1) if squash else 3 * torch.randn(50, 1)
-
-    def values_and_grads(fused: bool):
-        monkeypatch.setattr(flows._LayeredFlowDistribution, "fused", fused)
-        cflow.zero_grad()
-        dist = cflow(context)
-        log_prob = dist.log_prob(value)
-        (log_prob * weights).sum().backward()
-        # the fused path builds no bijectors
-        assert (dist._built is None) == (fused and output_bound != 2.0)
-        return [log_prob] + [p.grad.clone() for p in cflow.parameters()]
-
-    for a, b in zip(values_and_grads(True), values_and_grads(False)):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    _assert_fused_equals_chain(cflow, context, value, output_bound, monkeypatch)
 
 
 @pytest.mark.parametrize(("layers", "rank"), [(3, 1), (1, 0)])
@@ -789,7 +796,7 @@ def test_scalar_spline_log_prob_equals_the_chain(squash, layers, rank, output_bo
     )  # fmt: skip
     with torch.no_grad():
         cflow.hyper[-1].weight.mul_(10)  # context-dependent, varied splines
-    context, weights = torch.randn(200, 4), torch.randn(200)
+    context = torch.randn(200, 4)
     value = 0.999 * (2 * torch.rand(200, 1) - 1) if squash else 2 * torch.randn(200, 1)
     bins, inside = [], []
     invert = fastpath_spline._invert
@@ -800,18 +807,7 @@ def test_scalar_spline_log_prob_equals_the_chain(squash, layers, rank, output_bo
         return out
 
     monkeypatch.setattr(fastpath_spline, "_invert", spy)
-
-    def values_and_grads(fused: bool):
-        monkeypatch.setattr(flows._LayeredFlowDistribution, "fused", fused)
-        cflow.zero_grad()
-        dist = cflow(context)
-        log_prob = dist.log_prob(value)
-        (log_prob * weights).sum().backward()
-        assert (dist._built is None) == (fused and output_bound != 2.0)
-        return [log_prob] + [p.grad.clone() for p in cflow.parameters()]
-
-    for a, b in zip(values_and_grads(True), values_and_grads(False)):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    _assert_fused_equals_chain(cflow, context, value, output_bound, monkeypatch)
     if layers and output_bound != 2.0:
         inside = torch.cat(inside)
         assert inside.any() and not inside.all()
