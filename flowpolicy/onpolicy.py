@@ -233,6 +233,14 @@ class FlowActorCriticPolicy(ActorCriticPolicy):
     near -1300. With :math:`g = 0.1` the first update's KL is 0.011 to 0.045 and the flow learns
     Pendulum (see BENCHMARKS.md). The bias keeps the full rate, as the Gaussian's ``log_std``.
 
+    **Use a bounded activation** (``nn.Tanh``, SB3's default). The head is linear in
+    :math:`h_\pi(s)`, so a state whose latent is unusually large gets an unusually extreme flow.
+    With ReLU networks (rl-zoo3's MuJoCo PPO settings) rare Hopper-v5 states had latents 20-30x
+    the typical size; their flows grew so ill-conditioned that float32 could no longer invert
+    their own samples (log-probs near :math:`-10^{20}`), PPO's ratio overflowed and the weights
+    became NaN, on 2 of 3 seeds within 150k steps. Neither ``param_bound=3`` nor ``squash=False``
+    prevented it; with ``activation_fn=nn.Tanh`` all 3 seeds ran 150k steps (BENCHMARKS.md).
+
     gSDE (``use_sde=True``) perturbs a Gaussian's mean; the flow explores through its own base
     noise, so it raises a ``ValueError``.
 
