@@ -12,6 +12,14 @@ other algorithms (its registries are plain dicts)::
     python -m flowpolicy.zoo --algo sac --env Pendulum-v1 -conf examples/zoo/sac.yml \\
         -optimize --n-trials 20 --n-timesteps 20000
 
+It also registers :class:`~flowpolicy.flowsac.FlowSAC` as the algorithm ``flowsac`` (SAC's
+hyperparameter entries apply; its ``actor_gradient`` is one more of them), and
+``python -m flowpolicy.zoo enjoy`` is ``python -m rl_zoo3.enjoy`` with it registered::
+
+    python -m flowpolicy.zoo --algo flowsac --env Pendulum-v1 -conf examples/zoo/sac.yml \\
+        -params actor_gradient:"'score'"
+    python -m flowpolicy.zoo enjoy --algo flowsac --env Pendulum-v1 -f logs/
+
 The samplers are for flow policies (the yaml's ``policy``): SB3's Gaussian policies take no
 ``flow_kwargs``; search those with ``python -m rl_zoo3.train``. Needs ``pip install
 flowpolicy[zoo]``.
@@ -19,6 +27,7 @@ flowpolicy[zoo]``.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 try:
@@ -31,7 +40,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 __all__ = [
     "convert_flow_params",
-    "register_samplers",
+    "register",
     "sample_flow_kwargs",
     "sample_sac_flow_params",
     "sample_tqc_flow_params",
@@ -85,21 +94,35 @@ def convert_flow_params(params: dict[str, Any]) -> dict[str, Any]:
     return hyperparams
 
 
-def register_samplers() -> None:
-    """Make the zoo's ``sac`` and ``tqc`` searches use the flow samplers above (and their
+def register() -> None:
+    """Register :class:`~flowpolicy.flowsac.FlowSAC` as the zoo's algorithm ``flowsac``, and make
+    the ``sac``, ``flowsac`` and ``tqc`` searches use the flow samplers above (and their
     conversion of stored trials). Called by ``python -m flowpolicy.zoo``; affects this process
     only."""
-    samplers = dict(sac=sample_sac_flow_params, tqc=sample_tqc_flow_params)
-    hyperparams_opt.HYPERPARAMS_SAMPLER.update(samplers)
-    hyperparams_opt.HYPERPARAMS_CONVERTER.update(sac=convert_flow_params, tqc=convert_flow_params)
+    from rl_zoo3.utils import ALGOS
+
+    from flowpolicy.flowsac import FlowSAC
+
+    ALGOS["flowsac"] = FlowSAC
+    samplers = dict(sac=sample_sac_flow_params, flowsac=sample_sac_flow_params)
+    hyperparams_opt.HYPERPARAMS_SAMPLER.update(samplers, tqc=sample_tqc_flow_params)
+    converters = dict.fromkeys(("sac", "flowsac", "tqc"), convert_flow_params)
+    hyperparams_opt.HYPERPARAMS_CONVERTER.update(converters)
 
 
 def main() -> None:
-    """``python -m rl_zoo3.train`` with the flow samplers registered."""
-    from rl_zoo3.train import train
+    """``python -m rl_zoo3.train`` (or, first argument ``enjoy``, ``python -m rl_zoo3.enjoy``)
+    with the flow samplers and ``flowsac`` registered."""
+    register()
+    if sys.argv[1:2] == ["enjoy"]:
+        from rl_zoo3.enjoy import enjoy
 
-    register_samplers()
-    train()
+        del sys.argv[1]
+        enjoy()
+    else:
+        from rl_zoo3.train import train
+
+        train()
 
 
 if __name__ == "__main__":

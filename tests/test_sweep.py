@@ -138,6 +138,22 @@ def test_zoo_hyperparameters_are_recorded():
     assert "log_std_init" not in record["kwargs"]["policy_kwargs"]
 
 
+def test_flowsac_sweeps_with_sacs_zoo_settings_and_its_actor_gradient():
+    from flowpolicy.flowsac import FlowSAC
+    from flowpolicy.sweep.trial import build
+
+    sac = algos.settings("sac", "HalfCheetah-v5", 50_000, zoo=True, overrides={})
+    flowsac = algos.settings("flowsac", "HalfCheetah-v5", 50_000, zoo=True, overrides={})
+    assert flowsac == sac
+    overrides = (("actor_gradient", "score"), ("learning_starts", 50), ("batch_size", 32))
+    spec = TrialSpec("flowsac", "spline", "Pendulum-v1", 0, 60, 30, 1, overrides=overrides)
+    model, _, record = build(spec)
+    assert isinstance(model, FlowSAC) and model.actor_gradient == "score"
+    assert record["kwargs"]["learning_rate"] == 1e-3  # the zoo's SAC entry for Pendulum
+    model.learn(60)
+    assert model._n_updates == 10
+
+
 def test_bad_input_names_the_fix():
     with pytest.raises(ValueError, match="use one of"):
         algos.policy("sac", "gauss", {})

@@ -13,6 +13,7 @@ import yaml
 from stable_baselines3 import SAC
 
 import flowpolicy.envs  # noqa: F401  (registers the environments)
+from flowpolicy.flowsac import FlowSAC
 from flowpolicy.sb3 import FlowPolicy
 from flowpolicy.zoo import convert_flow_params, sample_sac_flow_params, sample_tqc_flow_params
 
@@ -105,3 +106,19 @@ def test_zoo_optimize_samples_the_flow_settings(tmp_path):
     header = report.read_text().splitlines()[0]
     assert "params_flow_layers" in header and "params_flow_nonlinearity" in header
     assert len(report.read_text().splitlines()) == 3  # both trials ran
+
+
+def test_flowsac_trains_from_the_sac_yaml_with_its_actor_gradient_and_enjoy_replays_it(tmp_path):
+    common = ["--algo", "flowsac", "--env", "Pendulum-v1", "-f", str(tmp_path)]
+    _zoo(
+        "flowpolicy.zoo",
+        *common,
+        *["-conf", str(ZOO / "sac.yml"), "-n", "150", "--seed", "0", "--eval-freq", "-1"],
+        *["-params", "learning_starts:100", "actor_gradient:'score'", "score_samples:3"],
+        cwd=tmp_path,
+    )
+    model = FlowSAC.load(tmp_path / "flowsac" / "Pendulum-v1_1" / "Pendulum-v1.zip")
+    assert isinstance(model.policy, FlowPolicy)
+    assert (model.actor_gradient, model.score_samples, model._n_updates) == ("score", 3, 50)
+    result = _zoo("flowpolicy.zoo", "enjoy", *common, "--no-render", "-n", "210", cwd=tmp_path)
+    assert "Episode Reward" in result.stdout

@@ -24,10 +24,13 @@ class Algo(NamedTuple):
     flow_policy: str  # "module:Class"
     gaussian_policy: str  # SB3's policy alias
     off_policy: bool
+    zoo: str = ""  # the zoo's hyperparameter file, where not the algorithm's own name
 
 
 ALGOS: dict[str, Algo] = {
     "sac": Algo("stable_baselines3:SAC", "flowpolicy.sb3:FlowPolicy", "MlpPolicy", True),
+    "flowsac": Algo("flowpolicy.flowsac:FlowSAC", "flowpolicy.sb3:FlowPolicy", "MlpPolicy", True,
+                    zoo="sac"),
     "tqc": Algo("sb3_contrib:TQC", "flowpolicy.contrib:FlowTQCPolicy", "MlpPolicy", True),
     "crossq": Algo("sb3_contrib:CrossQ", "flowpolicy.contrib:FlowCrossQPolicy", "MlpPolicy", True),
     "ppo": Algo("stable_baselines3:PPO", "flowpolicy.onpolicy:FlowActorCriticPolicy", "MlpPolicy",
@@ -116,7 +119,7 @@ def settings(algo_name: str, env_id: str, steps: int, zoo: bool, overrides: dict
     where the entry normalizes observations and rewards, as the zoo does, else ``None``) and
     ``kwargs`` for the algorithm.
     """
-    key, raw = zoo_hyperparams(algo_name, env_id) if zoo else (None, {})
+    key, raw = zoo_hyperparams(algo(algo_name).zoo or algo_name, env_id) if zoo else (None, {})
     bad = [k for k in _UNSUPPORTED_ZOO_KEYS if k in raw]
     if bad:
         raise ValueError(f"zoo entry {key} uses {bad}, which sweeps do not support: use --no-zoo")
