@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 
+import numpy as np
 import pytest
 import ray
 import scipy.stats
@@ -93,21 +94,30 @@ def test_report_matches_per_trial_results(sweep):
     assert (out / "curves.png").stat().st_size > 0
     assert set(summary) == {"gaussian", "prelu"}
     for policy, stats in summary.items():
-        finals = []
-        for seed in (0, 1):
-            _, rows = read_result(
-                result_path(out, TrialSpec("sac", policy, "Pendulum-v1", seed, 200, 100))
-            )
-            finals.append(rows[-1]["eval_return"])
+        per_seed_rows = [
+            read_result(result_path(out, TrialSpec("sac", policy, "Pendulum-v1", s, 200, 100)))[1]
+            for s in (0, 1)
+        ]
+        finals = [rows[-1]["eval_return"] for rows in per_seed_rows]
         assert stats["seeds"] == [0, 1]
         assert stats["final"] == pytest.approx(finals)
         assert stats["iqm"] == pytest.approx(scipy.stats.trim_mean(finals, 0.25))
         assert stats["ci"][0] <= stats["iqm"] <= stats["ci"][1]
         assert min(finals) <= stats["ci"][0] and stats["ci"][1] <= max(finals)
+        # beside it, each seed's mean over its last evaluations (all 3 here: 0, 100, 200 steps)
+        means = [np.mean([r["eval_return"] for r in rows]) for rows in per_seed_rows]
+        assert stats["recent"]["evaluations"] == 3
+        assert stats["recent"]["per_seed"] == pytest.approx(means)
+        assert stats["recent"]["iqm"] == pytest.approx(scipy.stats.trim_mean(means, 0.25))
         assert stats["seconds_per_step"] > 0
         assert f"{stats['iqm']:.1f} [{stats['ci'][0]:.1f}, {stats['ci'][1]:.1f}]" in text
         for value in finals:
             assert f"{value:.1f}" in text
+
+
+def test_report_rejects_a_bad_number_of_last_evaluations(sweep):
+    with pytest.raises(ValueError, match="at least 1"):
+        report(sweep["out"], reps=10, last=0)
 
 
 def test_live_tune_folder_reads_as_the_exported_files(sweep):
@@ -172,7 +182,6 @@ def test_zoo_normalization_trains_and_evaluates_as_the_zoo(tmp_path):
     evaluation returns are the true ones, of the policy fed training's observation statistics;
     a checkpoint restores the statistics with the model."""
     import gymnasium as gym
-    import numpy as np
     from stable_baselines3.common.evaluation import evaluate_policy
     from stable_baselines3.common.vec_env import sync_envs_normalization
 

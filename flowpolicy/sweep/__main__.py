@@ -53,6 +53,9 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("dir", help="a sweep's --out folder (exported files and/or tune/)")
     report.add_argument("--out", default=None, help="where summary.json and curves.png go")
     report.add_argument("--reps", type=int, default=2000, help="bootstrap replications")
+    report.add_argument(
+        "--last", type=int, default=3, help="evaluations averaged per seed beside the final one"
+    )
     return p
 
 
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         from flowpolicy.sweep.report import report
 
-        print(report(args.dir, args.out, args.reps))
+        print(report(args.dir, args.out, args.reps, args.last))
         return 0
     import torch
 

@@ -6,8 +6,10 @@ the interquartile mean (rliable's ``aggregate_iqm``), the mean of the middle hal
 .. math:: \mathrm{IQM}(x_{(1)} \le \dots \le x_{(n)})
           = \frac{1}{n - 2k} \sum_{i=k+1}^{n-k} x_{(i)}, \qquad k = \lfloor n/4 \rfloor,
 
-with a 95% percentile interval from rliable's stratified bootstrap over seeds. Time per step is
-training seconds (evaluation and checkpoints excluded) over steps trained, the median over seeds.
+with a 95% percentile interval from rliable's stratified bootstrap over seeds. A last evaluation
+of a few episodes is noisy, so beside it each seed's mean over its last ``last`` evaluations is
+aggregated the same way. Time per step is training seconds (evaluation and checkpoints excluded)
+over steps trained, the median over seeds.
 
 Trials are read from exported files (``<dir>/*.csv``) and from live Tune folders below ``dir``
 (``result.json`` of trials still running or not yet exported); an exported file wins.
@@ -66,8 +68,11 @@ def _iqm_ci(scores: np.ndarray, reps: int, seed: int) -> tuple[np.ndarray, np.nd
     return point["x"], interval["x"]
 
 
-def summarize(trials: dict[str, dict], reps: int = 2000, seed: int = 0) -> dict:
-    """``{task: {policy: stats}}`` over complete trials, task = ``"<env> <algo>"``."""
+def summarize(trials: dict[str, dict], reps: int = 2000, seed: int = 0, last: int = 3) -> dict:
+    """``{task: {policy: stats}}`` over complete trials, task = ``"<env> <algo>"``; ``recent``
+    aggregates each seed's mean over its last ``last`` evaluations."""
+    if isinstance(last, bool) or not isinstance(last, int) or last < 1:
+        raise ValueError(f"last: the number of evaluations to average, at least 1, got {last!r}")
     groups: dict[tuple, dict[int, dict]] = {}
     for trial in trials.values():
         if trial["complete"]:
@@ -81,13 +86,21 @@ def summarize(trials: dict[str, dict], reps: int = 2000, seed: int = 0) -> dict:
             [[r["eval_return"] for r in by_seed[s]["rows"] if r["step"] in steps] for s in seeds]
         )
         iqm, ci = _iqm_ci(curves, reps, seed)
-        last = [by_seed[s]["rows"][-1] for s in seeds]
+        recent = np.array([[np.mean(curves[i, -last:])] for i in range(len(seeds))])
+        recent_iqm, recent_ci = _iqm_ci(recent, reps, seed)
+        final_rows = [by_seed[s]["rows"][-1] for s in seeds]
         summary.setdefault(task, {})[policy] = dict(
             seeds=seeds,
-            final=[r["eval_return"] for r in last],
+            final=[r["eval_return"] for r in final_rows],
             iqm=float(iqm[-1]),
             ci=[float(ci[0, -1]), float(ci[1, -1])],
-            seconds_per_step=float(np.median([r["train_seconds"] / r["step"] for r in last])),
+            recent=dict(
+                evaluations=min(last, len(steps)),
+                per_seed=recent[:, 0].tolist(),
+                iqm=float(recent_iqm[0]),
+                ci=[float(recent_ci[0, 0]), float(recent_ci[1, 0])],
+            ),
+            seconds_per_step=float(np.median([r["train_seconds"] / r["step"] for r in final_rows])),
             curve=dict(step=steps, iqm=iqm.tolist(), low=ci[0].tolist(), high=ci[1].tolist()),
         )
     return summary
@@ -96,18 +109,22 @@ def summarize(trials: dict[str, dict], reps: int = 2000, seed: int = 0) -> dict:
 def table(task: str, stats: dict[str, dict]) -> str:
     """One task's markdown table; time ratios against the Gaussian where it ran."""
     base = stats.get(BASELINE, {}).get("seconds_per_step")
+    k = next(iter(stats.values()))["recent"]["evaluations"] if stats else 0
     lines = [
         f"**{task}**",
         "",
-        "| policy | seeds | final return IQM [95% CI] | per seed | ms / step | time vs Gaussian |",
-        "|---|---|---|---|---|---|",
+        f"| policy | seeds | final return IQM [95% CI] | per seed | mean of the last {k} "
+        "evaluations: IQM [95% CI] | ms / step | time vs Gaussian |",
+        "|---|---|---|---|---|---|---|",
     ]
     for policy, s in stats.items():
         ratio = f"{s['seconds_per_step'] / base:.2f}x" if base else "-"
         per_seed = ", ".join(f"{v:.1f}" for v in s["final"])
+        r = s["recent"]
         lines.append(
             f"| {policy} | {len(s['seeds'])} | {s['iqm']:.1f} [{s['ci'][0]:.1f}, {s['ci'][1]:.1f}]"
-            f" | {per_seed} | {1e3 * s['seconds_per_step']:.2f} | {ratio} |"
+            f" | {per_seed} | {r['iqm']:.1f} [{r['ci'][0]:.1f}, {r['ci'][1]:.1f}] | "
+            f"{1e3 * s['seconds_per_step']:.2f} | {ratio} |"
         )
     return "\n".join(lines)
 
@@ -128,13 +145,16 @@ def figure(summary: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def report(directory: str | Path, out: str | Path | None = None, reps: int = 2000) -> str:
+def report(
+    directory: str | Path, out: str | Path | None = None, reps: int = 2000, last: int = 3
+) -> str:
     """Reads the trials below ``directory``, writes ``summary.json`` and ``curves.png`` to
-    ``out`` (default ``directory``) and returns the markdown tables."""
+    ``out`` (default ``directory``) and returns the markdown tables (``last``: see
+    :func:`summarize`)."""
     trials = load(directory)
     out = Path(out or directory)
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(trials, reps)
+    summary = summarize(trials, reps, last=last)
     running = {n: t["rows"][-1]["step"] for n, t in trials.items() if not t["complete"]}
     (out / "summary.json").write_text(json.dumps(dict(tasks=summary, running=running), indent=1))
     if summary:
