@@ -58,7 +58,9 @@ def lake_run(out: Path, seed: int, policy: str, gradient: str, args) -> dict | N
     """One experiments/lake_sac.py run in its own process (or its saved summary; with
     ``--finished-only``, ``None`` where there is none)."""
     folder = out / f"seed{seed}" / f"{policy}-{gradient}"
-    summary = folder / "summary.json"
+    summary, failed = folder / "summary.json", folder / "failed.txt"
+    if failed.exists():  # a run that raised is reported, not run again
+        return dict(failed=failed.read_text().strip())
     if not summary.exists() and args.finished_only:
         return None
     if not summary.exists():
@@ -72,7 +74,11 @@ def lake_run(out: Path, seed: int, policy: str, gradient: str, args) -> dict | N
         if args.tiny:
             command += ["--tiny"]
         with open(folder / "log.txt", "w") as log:
-            subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
+            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+        if code != 0:
+            error = (folder / "log.txt").read_text().strip().splitlines()[-1]
+            failed.write_text(error)
+            return dict(failed=error)
     data = json.loads(summary.read_text())
     return dict(data[policy], steps=data["args"]["steps"], samples=data["args"]["score_samples"])
 
@@ -92,6 +98,10 @@ def lake(args) -> None:
         "ΔQ/α at start (α) | start mass cw / ccw / gap % |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    failures = {job: r["failed"] for job, r in results.items() if "failed" in r}
+    results = {job: r for job, r in results.items() if "failed" not in r}
+    for (seed, policy, gradient), error in failures.items():
+        lines.append(f"| {policy} | {gradient} | {seed} | - | raised: {error} | no | - | - | - |")
     for (seed, policy, gradient), r in results.items():
         s, m = r["stochastic"], r["start_mass"]
         both = min(s["cw"], s["ccw"]) >= MIN_ROUTE_SHARE
@@ -106,16 +116,17 @@ def lake(args) -> None:
     summary = []
     for policy, gradient in LAKE_VARIANTS:
         runs = [r for (_, p, g), r in results.items() if (p, g) == (policy, gradient)]
+        raised = sum((p, g) == (policy, gradient) for _, p, g in failures)
         if not runs:
-            summary.append(f"{policy} {gradient}: no finished run")
+            summary.append(f"{policy} {gradient}: no finished run ({raised} raised)")
             continue
         kept = sum(
             min(r["stochastic"]["cw"], r["stochastic"]["ccw"]) >= MIN_ROUTE_SHARE for r in runs
         )
         success = statistics.median(r["stochastic"]["success"] for r in runs)
         summary.append(
-            f"{policy} {gradient}: both routes on {kept}/{len(runs)} seeds, median success "
-            f"{100 * success:.0f}%"
+            f"{policy} {gradient}: both routes on {kept}/{len(runs) + raised} seeds, median "
+            f"success {100 * success:.0f}% of the finished runs ({raised} raised)"
         )
     mode = "without" if args.no_symmetry else "with"
     note = (
@@ -139,12 +150,14 @@ def plot_lake(results: dict, path: Path, args) -> None:
     fig = Figure(figsize=(14, 4.2))
     bars, dq, mass = fig.subplots(1, 3)
     colors = {("flow", "score"): "C0", ("flow", "reparam"): "C1", ("gaussian", "reparam"): "C2"}
-    for i, ((seed, policy, gradient), r) in enumerate(results.items()):
+    labelled: set[tuple[str, str]] = set()  # one legend entry per variant
+    for i, ((_, policy, gradient), r) in enumerate(results.items()):
         s = r["stochastic"]
         bars.bar(i, s["cw"], color="C4")
         bars.bar(i, s["ccw"], bottom=s["cw"], color="C9")
         bars.text(i, 1.02, f"{r['dq_over_alpha_start'][0]:+.1f}", ha="center", fontsize=6)
-        label = f"{policy} {gradient}" if seed == args.seeds[0] else None
+        label = f"{policy} {gradient}" if (policy, gradient) not in labelled else None
+        labelled.add((policy, gradient))
         steps = [q["timesteps"] for q in r["qgap"]]
         c = colors[(policy, gradient)]
         dq.plot(steps, [q["dq_over_alpha"][0] for q in r["qgap"]], color=c, label=label)
