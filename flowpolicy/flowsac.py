@@ -46,6 +46,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -159,7 +160,35 @@ def soft_actor_loss(
         cost = alpha * log_prob - q
         baseline = (cost.sum(0) - cost) / (samples - 1)  # the mean of the other K - 1
     # d/dtheta log pi(a_k) = d/dtheta log q(u_k): the tanh term does not depend on theta
-    return ((cost - baseline) * dist.log_prob(u)).mean(), log_prob
+    return ((cost - baseline) * _log_q_of_own_samples(dist, u, log_q)).mean(), log_prob
+
+
+# nats by which the inverse's log-density of a sample may differ from the forward pass's
+ROUND_TRIP_TOLERANCE = 1e-2
+
+
+def _log_q_of_own_samples(dist: FlowDistribution, u: Tensor, log_q: Tensor) -> Tensor:
+    r"""``dist.log_prob(u)`` (through the inverse, with gradients) of the flow's own samples, 0
+    where it disagrees with the forward pass's ``log_q`` by more than the tolerance.
+
+    A flow can send a few pre-tanh samples hundreds of units out (the actions saturate at
+    :math:`\pm 1`, so the critic does not object); float32 then cannot invert them, and their
+    log-density through the inverse comes out wrong by orders of magnitude (seen: -1e20 for -8),
+    which would scale the whole step. Those samples are left out of the estimate, with a warning.
+    """
+    given = dist.log_prob(u)
+    bad = ~((given.detach() - log_q).abs() <= ROUND_TRIP_TOLERANCE)  # NaN counts as bad
+    if not bad.any():
+        return given
+    warnings.warn(
+        f"FlowSAC score update: {int(bad.sum())} of {bad.numel()} actions lie where float32 "
+        "cannot invert the policy's flow (pre-tanh values far out in its tails) and were left out "
+        "of this step's gradient",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    safe = torch.where(bad[..., None], torch.zeros_like(u), u)  # a finite backward for them
+    return dist.log_prob(safe).masked_fill(bad, 0.0)
 
 
 class FlowSAC(SAC):

@@ -13,7 +13,7 @@ from flowpolicy import ConditionalFlow, FlowPolicy
 from flowpolicy.bijectors import Tanh
 from flowpolicy.diagnostics import side_mass
 from flowpolicy.flows import squashed_gaussian
-from flowpolicy.flowsac import FlowSAC, soft_actor_loss
+from flowpolicy.flowsac import FlowSAC, _unsquashed, soft_actor_loss
 from flowpolicy.symmetry import MirrorReplayBuffer
 
 ALPHA = 0.5
@@ -126,6 +126,27 @@ def test_score_update_trains_the_actor(policy):
     for key in ("train/actor_loss", "train/critic_loss", "train/ent_coef", "train/entropy"):
         assert np.isfinite(values[key]), key
     assert values["train/ent_coef"] < 1.0  # the entropy coefficient is updated too
+
+
+def test_score_update_leaves_out_samples_float32_cannot_invert():
+    # a flow driven far out (a large head, large contexts): float32 cannot invert some of its own
+    # samples (pre-tanh values in the hundreds), as happened in SAC on LakeCrossing
+    flow = ConditionalFlow(2, 3, layers=5, squash=True, hidden=(16,), head_scale=1.0, seed=0)
+    flow.output_bound = 1000.0  # FlowPolicy's
+    obs = 10 * torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    with pytest.warns(RuntimeWarning, match=r"(\d+) of 256 actions .* cannot invert"):
+        loss, log_prob = soft_actor_loss(flow, lambda o, a: (a.sum(-1, keepdim=True),), obs, 0.5,
+                                         "score", samples=4)  # fmt: skip
+    grads = torch.autograd.grad(loss, list(flow.parameters()), allow_unused=True)
+    assert torch.isfinite(loss) and torch.isfinite(log_prob).all()
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
+    # without leaving them out, the same step's loss is -inf and its gradient NaN
+    torch.manual_seed(1)
+    dist = _unsquashed(flow(obs))
+    with torch.no_grad():
+        u, log_q = dist.rsample_and_log_prob((4,))
+    assert not torch.isfinite(dist.log_prob(u)).all()
 
 
 def test_fixed_entropy_coefficient():
