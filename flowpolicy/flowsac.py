@@ -31,7 +31,10 @@ estimates of :math:`\nabla_\theta J_s` are offered (``FlowSAC(actor_gradient=...
 For a tanh-squashed policy :math:`a = \tanh(u)`, :math:`\log\pi_\theta(a) = \log q_\theta(u) -
 \sum_i \log(1 - a_i^2)`, and the last term does not depend on :math:`\theta`; the score is
 taken as :math:`\nabla_\theta \log q_\theta(u_k)` of the pre-tanh samples, exact also where
-:math:`\tanh(u)` rounds to :math:`\pm 1`.
+:math:`\tanh(u)` rounds to :math:`\pm 1`. A sample the flow sends so far out that float32
+cannot recover its log-density through the inverse (the two passes disagree by more than
+``ROUND_TRIP_TOLERANCE`` nats) is left out of the step, with a ``RuntimeWarning``: one such
+term made a whole step's loss :math:`-\infty` on LakeCrossing.
 
 The critics, the target networks and the entropy coefficient's update are SAC's. Works with
 :class:`~flowpolicy.sb3.FlowPolicy` and SB3's Gaussian ``MlpPolicy`` (without gSDE), with the
