@@ -135,7 +135,10 @@ def test_crossq_actor_has_batch_renorm_toggled_by_train():
     obs = torch.zeros(3, 1)
     with torch.no_grad():
         first = actor(obs, deterministic=True)
-        assert torch.equal(first[:1], actor(obs[:1], deterministic=True))
+        # a state's action does not depend on the batch (batch statistics would make a batch
+        # of one normalize to zero); float32 kernels for other batch sizes may differ in the
+        # last bits, so not bit-equal
+        torch.testing.assert_close(first[:1], actor(obs[:1], deterministic=True))
     assert dict(model.policy.actor.batch_norm_params)["renorm_warmup_steps"] == 100_000
 
 
