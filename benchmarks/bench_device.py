@@ -115,9 +115,8 @@ def main() -> None:
             *rows,
             "",
             f"Median wall time of {args.rounds} rounds after a warm-up, CUDA synchronized; "
-            f"density: "
-            f"{args.density_steps} steps of `fp.density.fit` per round (8 layers, rank 1, EMA "
-            f"weights); SAC: {args.sac_steps} gradient steps of `model.train` per round on a "
+            f"density: {args.density_steps} steps of `fp.density.fit` per round (8 layers, "
+            f"rank 1, EMA weights); SAC: {args.sac_steps} gradient steps of `model.train` per round on a "
             "buffer of 1000 Pendulum-v1 transitions, zoo settings, 4 flow layers of rank 1.",
         ]
     )

@@ -86,7 +86,7 @@ def summarize(trials: dict[str, dict], reps: int = 2000, seed: int = 0, last: in
             [[r["eval_return"] for r in by_seed[s]["rows"] if r["step"] in steps] for s in seeds]
         )
         iqm, ci = _iqm_ci(curves, reps, seed)
-        recent = np.array([[np.mean(curves[i, -last:])] for i in range(len(seeds))])
+        recent = curves[:, -last:].mean(axis=1, keepdims=True)  # (seeds, 1)
         recent_iqm, recent_ci = _iqm_ci(recent, reps, seed)
         final_rows = [by_seed[s]["rows"][-1] for s in seeds]
         summary.setdefault(task, {})[policy] = dict(
