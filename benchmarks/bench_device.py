@@ -116,8 +116,9 @@ def main() -> None:
             "",
             f"Median wall time of {args.rounds} rounds after a warm-up, CUDA synchronized; "
             f"density: {args.density_steps} steps of `fp.density.fit` per round (8 layers, "
-            f"rank 1, EMA weights); SAC: {args.sac_steps} gradient steps of `model.train` per round on a "
-            "buffer of 1000 Pendulum-v1 transitions, zoo settings, 4 flow layers of rank 1.",
+            f"rank 1, EMA weights); SAC: {args.sac_steps} gradient steps of `model.train` per "
+            "round on a buffer of 1000 Pendulum-v1 transitions, zoo settings, 4 flow layers of "
+            "rank 1.",
         ]
     )
     print(table)
