@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -227,18 +228,29 @@ def timing(args) -> None:
         record("FlowSAC: time per gradient step of each actor update (bench_flowsac.py)", table)
 
 
-def returns(args) -> None:
+def pendulum_run(policy: str, gradient: str, seed: int, args) -> float:
+    """One Pendulum-v1 run's final deterministic return (or its saved result in ``--out``)."""
     from stable_baselines3.common.evaluation import evaluate_policy
 
+    path = Path(args.out) / "returns" / f"{policy}-{gradient}-s{seed}.json"
+    if path.exists():
+        return json.loads(path.read_text())["return"]
+    torch.set_num_threads(1)  # in a worker process
+    model = pendulum_model(policy, gradient, seed, args.score_samples)
+    model.learn(args.pendulum_steps)
+    mean, _ = evaluate_policy(model, model.get_env(), 10, deterministic=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"return": float(mean), "steps": args.pendulum_steps}))
+    return float(mean)
+
+
+def returns(args) -> None:
     rows = [(p, g) for p in ("gaussian", "flow") for g in ("reparam", "score")]
-    results = {}
-    for seed in args.seeds:
-        for policy, gradient in tqdm(rows, desc=f"Pendulum seed {seed}"):
-            model = pendulum_model(policy, gradient, seed, args.score_samples)
-            model.learn(args.pendulum_steps)
-            mean, _ = evaluate_policy(model, model.get_env(), 10, deterministic=True)
-            results[(policy, gradient, seed)] = float(mean)
-            print(f"{policy} {gradient} seed {seed}: {mean:.1f}", flush=True)
+    jobs = [(p, g, s) for s in args.seeds for p, g in rows]
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.jobs, mp_context=spawn) as pool:
+        futures = {job: pool.submit(pendulum_run, *job, args) for job in jobs}
+        results = {job: future.result() for job, future in tqdm(futures.items(), "Pendulum")}
     lines = ["| actor | update | return per seed | mean |", "|---|---|---|---|"]
     for policy, gradient in rows:
         values = [results[(policy, gradient, s)] for s in args.seeds]
@@ -263,7 +275,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8000, help="lake: steps per run")
     parser.add_argument("--no-symmetry", action="store_true", help="lake: without the tools")
     parser.add_argument("--score-samples", type=int, default=4, help="actions per state")
-    parser.add_argument("--jobs", type=int, default=1, help="lake runs at a time")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (lake, returns)")
     parser.add_argument("--out", default="runs/bench_flowsac")
     parser.add_argument("--figures", default=str(ROOT / "docs" / "figures"))
     parser.add_argument("--timing-samples", type=int, nargs="+", default=[4, 16, 64])

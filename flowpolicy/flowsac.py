@@ -25,16 +25,14 @@ estimates of :math:`\nabla_\theta J_s` are offered (``FlowSAC(actor_gradient=...
   has mean zero), as is :math:`\mathbb{E}[b_k \nabla_\theta \log\pi_\theta(a_k)]`, since
   :math:`b_k` does not depend on :math:`a_k`. Every sample carries the weights of the modes:
   a mode holding too much mass has a higher :math:`\alpha \log \pi` there. It needs no
-  :math:`\nabla_a Q`, costs :math:`K` critic evaluations per state (without gradients), and
-  :math:`\log\pi_\theta` of given actions: a flow's inverse pass.
+  :math:`\nabla_a Q` and costs :math:`K` critic evaluations per state (without gradients).
 
 For a tanh-squashed policy :math:`a = \tanh(u)`, :math:`\log\pi_\theta(a) = \log q_\theta(u) -
 \sum_i \log(1 - a_i^2)`, and the last term does not depend on :math:`\theta`; the score is
 taken as :math:`\nabla_\theta \log q_\theta(u_k)` of the pre-tanh samples, exact also where
-:math:`\tanh(u)` rounds to :math:`\pm 1`. A sample the flow sends so far out that float32
-cannot recover its log-density through the inverse (the two passes disagree by more than
-``ROUND_TRIP_TOLERANCE`` nats) is left out of the step, with a ``RuntimeWarning``: one such
-term made a whole step's loss :math:`-\infty` on LakeCrossing.
+:math:`\tanh(u)` rounds to :math:`\pm 1`. It is computed from the forward pass that drew the
+samples (the implicit-function form, :func:`_samples_and_score_surrogate`), not through the
+inverse, which float32 cannot evaluate for samples far out in a flow's tails.
 
 The critics, the target networks and the entropy coefficient's update are SAC's. Works with
 :class:`~flowpolicy.sb3.FlowPolicy` and SB3's Gaussian ``MlpPolicy`` (without gSDE), with the
@@ -49,7 +47,6 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -155,43 +152,48 @@ def soft_actor_loss(
     if gradient != "score":
         raise ValueError(f"gradient must be one of {ACTOR_GRADIENTS}, got {gradient!r}")
     dist = _unsquashed(policy_distribution(actor, obs))
+    u, log_q = _samples_and_score_surrogate(dist, samples)  # (K, n, d), (K, n)
     with torch.no_grad():
-        u, log_q = dist.rsample_and_log_prob((samples,))  # (K, n, d), (K, n)
         actions = torch.tanh(u)
         log_prob = log_q - Tanh().log_abs_det_jacobian(u, actions)
         q = _min_q(critic, _repeat(obs, samples), actions.flatten(0, 1)).view(samples, -1)
         cost = alpha * log_prob - q
         baseline = (cost.sum(0) - cost) / (samples - 1)  # the mean of the other K - 1
     # d/dtheta log pi(a_k) = d/dtheta log q(u_k): the tanh term does not depend on theta
-    return ((cost - baseline) * _log_q_of_own_samples(dist, u, log_q)).mean(), log_prob
+    return ((cost - baseline) * log_q).mean(), log_prob.detach()
 
 
-# nats by which the inverse's log-density of a sample may differ from the forward pass's
-ROUND_TRIP_TOLERANCE = 1e-2
+def _samples_and_score_surrogate(dist: FlowDistribution, samples: int) -> tuple[Tensor, Tensor]:
+    r"""``K`` samples :math:`u = f_\theta(z)` (detached) and :math:`\log q_\theta(u)`, whose
+    gradient is the score :math:`\nabla_\theta \log q_\theta(u)` at :math:`u` held fixed,
+    computed from the forward pass alone.
 
+    With :math:`\ell(\theta, z) = \log q_\theta(f_\theta(z))` (the forward pass's log-density)
+    and :math:`z^*(\theta) = f_\theta^{-1}(u)`, the implicit function theorem gives
+    :math:`\partial_\theta z^* = -J^{-1} \partial_\theta f_\theta` with :math:`J =
+    \partial f_\theta / \partial z`, so
 
-def _log_q_of_own_samples(dist: FlowDistribution, u: Tensor, log_q: Tensor) -> Tensor:
-    r"""``dist.log_prob(u)`` (through the inverse, with gradients) of the flow's own samples, 0
-    where it disagrees with the forward pass's ``log_q`` by more than the tolerance.
+    .. math:: \nabla_\theta \log q_\theta(u) = \partial_\theta \ell(\theta, z)
+              - \lambda^\top \partial_\theta f_\theta(z), \qquad J^\top \lambda =
+              \nabla_z \ell(\theta, z).
 
-    A flow can send a few pre-tanh samples hundreds of units out (the actions saturate at
-    :math:`\pm 1`, so the critic does not object); float32 then cannot invert them, and their
-    log-density through the inverse comes out wrong by orders of magnitude (seen: -1e20 for -8),
-    which would scale the whole step. Those samples are left out of the estimate, with a warning.
+    The inverse pass would give the same in exact arithmetic, but a flow can send a few samples
+    so far out (pre-tanh values in the hundreds, the actions saturated at :math:`\pm 1`, so the
+    critic does not object) that float32 cannot invert them: their log-density through the
+    inverse came out as -1e20 where the forward pass gives -8, and one such term made a whole
+    step's loss :math:`-\infty` on LakeCrossing. Here the value is the forward pass's, and those
+    samples keep their gradient, which pulls the tails back in. Cost: :math:`d + 1` backward
+    passes over the samples' graph to form :math:`J` and :math:`\nabla_z \ell` (``d`` the
+    action size); the :math:`d \times d` solves run in float64.
     """
-    given = dist.log_prob(u)
-    bad = ~((given.detach() - log_q).abs() <= ROUND_TRIP_TOLERANCE)  # NaN counts as bad
-    if not bad.any():
-        return given
-    warnings.warn(
-        f"FlowSAC score update: {int(bad.sum())} of {bad.numel()} actions lie where float32 "
-        "cannot invert the policy's flow (pre-tanh values far out in its tails) and were left out "
-        "of this step's gradient",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-    safe = torch.where(bad[..., None], torch.zeros_like(u), u)  # a finite backward for them
-    return dist.log_prob(safe).masked_fill(bad, 0.0)
+    z = dist._base_rsample(torch.Size((samples,))).requires_grad_()
+    u, log_q = dist.push_forward(z)
+    outputs = [u[..., i].sum() for i in range(u.shape[-1])] + [log_q.sum()]
+    grads = [torch.autograd.grad(y, z, retain_graph=True)[0] for y in outputs]
+    jacobian, grad_z = torch.stack(grads[:-1], -2), grads[-1]  # J[..., i, j] = du_i / dz_j
+    adjoint = torch.linalg.solve(jacobian.double().mT, grad_z.double()).to(u.dtype)
+    # value log_q; gradient d_theta log_q - adjoint . d_theta u (z is not a parameter)
+    return u.detach(), log_q - (adjoint * (u - u.detach())).sum(-1)
 
 
 class FlowSAC(SAC):

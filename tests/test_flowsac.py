@@ -13,7 +13,7 @@ from flowpolicy import ConditionalFlow, FlowPolicy
 from flowpolicy.bijectors import Tanh
 from flowpolicy.diagnostics import side_mass
 from flowpolicy.flows import squashed_gaussian
-from flowpolicy.flowsac import FlowSAC, _unsquashed, soft_actor_loss
+from flowpolicy.flowsac import FlowSAC, _samples_and_score_surrogate, _unsquashed, soft_actor_loss
 from flowpolicy.symmetry import MirrorReplayBuffer
 
 ALPHA = 0.5
@@ -128,25 +128,42 @@ def test_score_update_trains_the_actor(policy):
     assert values["train/ent_coef"] < 1.0  # the entropy coefficient is updated too
 
 
-def test_score_update_leaves_out_samples_float32_cannot_invert():
+@pytest.mark.parametrize("nonlinearity", ["prelu", "spline"])
+def test_score_surrogate_is_the_inverse_pass_score(nonlinearity):
+    # float64: the implicit-function form's value and gradient are those of log_prob(u) through
+    # the inverse, at u held fixed
+    flow = ConditionalFlow(3, 2, layers=3, squash=True, hidden=(16,), seed=0,
+                           nonlinearity=nonlinearity).double()  # fmt: skip
+    obs = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    u, surrogate = _samples_and_score_surrogate(_unsquashed(flow(obs)), samples=4)
+    assert not u.requires_grad and surrogate.shape == (4, 5)
+    given = _unsquashed(flow(obs)).log_prob(u)
+    torch.testing.assert_close(surrogate, given, rtol=0, atol=1e-10)
+    params = list(flow.parameters())
+    for ours, reference in zip(torch.autograd.grad(surrogate.sum(), params),
+                               torch.autograd.grad(given.sum(), params)):  # fmt: skip
+        torch.testing.assert_close(ours, reference, rtol=1e-8, atol=1e-10)
+
+
+def test_score_update_is_finite_where_float32_cannot_invert_the_flow():
     # a flow driven far out (a large head, large contexts): float32 cannot invert some of its own
     # samples (pre-tanh values in the hundreds), as happened in SAC on LakeCrossing
     flow = ConditionalFlow(2, 3, layers=5, squash=True, hidden=(16,), head_scale=1.0, seed=0)
     flow.output_bound = 1000.0  # FlowPolicy's
     obs = 10 * torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(1)
-    with pytest.warns(RuntimeWarning, match=r"(\d+) of 256 actions .* cannot invert"):
-        loss, log_prob = soft_actor_loss(flow, lambda o, a: (a.sum(-1, keepdim=True),), obs, 0.5,
-                                         "score", samples=4)  # fmt: skip
-    grads = torch.autograd.grad(loss, list(flow.parameters()), allow_unused=True)
-    assert torch.isfinite(loss) and torch.isfinite(log_prob).all()
-    assert all(g is None or torch.isfinite(g).all() for g in grads)
-    # without leaving them out, the same step's loss is -inf and its gradient NaN
-    torch.manual_seed(1)
     dist = _unsquashed(flow(obs))
     with torch.no_grad():
         u, log_q = dist.rsample_and_log_prob((4,))
-    assert not torch.isfinite(dist.log_prob(u)).all()
+    assert not torch.isfinite(dist.log_prob(u)).all()  # the inverse pass fails here
+    torch.manual_seed(1)
+    loss, log_prob = soft_actor_loss(flow, lambda o, a: (a.sum(-1, keepdim=True),), obs, 0.5,
+                                     "score", samples=4)  # fmt: skip
+    torch.testing.assert_close(log_prob, log_q - Tanh().log_abs_det_jacobian(u, torch.tanh(u)))
+    grads = torch.autograd.grad(loss, list(flow.parameters()), allow_unused=True)
+    assert torch.isfinite(loss)
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
 
 
 def test_fixed_entropy_coefficient():
