@@ -27,12 +27,21 @@ estimates of :math:`\nabla_\theta J_s` are offered (``FlowSAC(actor_gradient=...
   a mode holding too much mass has a higher :math:`\alpha \log \pi` there. It needs no
   :math:`\nabla_a Q` and costs :math:`K` critic evaluations per state (without gradients).
 
-For a tanh-squashed policy :math:`a = \tanh(u)`, :math:`\log\pi_\theta(a) = \log q_\theta(u) -
-\sum_i \log(1 - a_i^2)`, and the last term does not depend on :math:`\theta`; the score is
-taken as :math:`\nabla_\theta \log q_\theta(u_k)` of the pre-tanh samples, exact also where
-:math:`\tanh(u)` rounds to :math:`\pm 1`. It is computed from the forward pass that drew the
-samples (the implicit-function form, :func:`_samples_and_score_surrogate`), not through the
-inverse, which float32 cannot evaluate for samples far out in a flow's tails.
+For a tanh-squashed policy, :math:`a = \tanh(u)` with :math:`u = g_\theta(z) \sim q_\theta`,
+
+.. math:: \alpha \log\pi_\theta(a) - Q(s, a) = \alpha \log q_\theta(u) + \alpha\, c(u) - Q(s, a),
+          \qquad c(u) = -\textstyle\sum_i \log(1 - \tanh^2 u_i) \ge 0,
+
+and :math:`c` is a known function of :math:`u`, like :math:`Q`. The score update takes the
+score-function estimate for :math:`\alpha \log q_\theta(u) - Q` (so :math:`f_k` leaves out
+:math:`\alpha c(u_k)`) and the pathwise gradient :math:`\alpha \nabla_\theta c(g_\theta(z))` for
+the tanh term: both unbiased, and the second pulls samples out of the saturated tails at every
+step. (With :math:`c` inside :math:`f_k` instead, the flow sometimes sent its samples to
+:math:`|u|` of a hundred and more in one jump, start-state entropy -270 nats, and SAC's
+automatic :math:`\alpha` and critic diverged after it: 1 of 5 LakeCrossing seeds with the
+symmetry tools.) The score :math:`\nabla_\theta \log q_\theta(u_k)` is computed from the forward
+pass that drew the samples (the implicit-function form, :func:`_samples_and_score_surrogate`),
+not through the inverse, which float32 cannot evaluate for samples far out in a flow's tails.
 
 The critics, the target networks and the entropy coefficient's update are SAC's. Works with
 :class:`~flowpolicy.sb3.FlowPolicy` and SB3's Gaussian ``MlpPolicy`` (without gSDE), with the
@@ -153,14 +162,15 @@ def soft_actor_loss(
         raise ValueError(f"gradient must be one of {ACTOR_GRADIENTS}, got {gradient!r}")
     dist = _unsquashed(policy_distribution(actor, obs))
     u, log_q = _samples_and_score_surrogate(dist, samples)  # (K, n, d), (K, n)
+    squash = Tanh().log_abs_det_jacobian(u, None)  # log|d tanh/du|, a function of u
     with torch.no_grad():
         actions = torch.tanh(u)
-        log_prob = log_q - Tanh().log_abs_det_jacobian(u, actions)
         q = _min_q(critic, _repeat(obs, samples), actions.flatten(0, 1)).view(samples, -1)
-        cost = alpha * log_prob - q
+        cost = alpha * log_q - q  # the part of alpha log pi - Q taken by the score function
         baseline = (cost.sum(0) - cost) / (samples - 1)  # the mean of the other K - 1
-    # d/dtheta log pi(a_k) = d/dtheta log q(u_k): the tanh term does not depend on theta
-    return ((cost - baseline) * log_q).mean(), log_prob.detach()
+    # the tanh term -alpha log|d tanh/du| is a known function of u: its gradient is pathwise
+    loss = ((cost - baseline) * log_q).mean() - (alpha * squash).mean()
+    return loss, (log_q - squash).detach()
 
 
 def _samples_and_score_surrogate(dist: FlowDistribution, samples: int) -> tuple[Tensor, Tensor]:
@@ -193,7 +203,7 @@ def _samples_and_score_surrogate(dist: FlowDistribution, samples: int) -> tuple[
     jacobian, grad_z = torch.stack(grads[:-1], -2), grads[-1]  # J[..., i, j] = du_i / dz_j
     adjoint = torch.linalg.solve(jacobian.double().mT, grad_z.double()).to(u.dtype)
     # value log_q; gradient d_theta log_q - adjoint . d_theta u (z is not a parameter)
-    return u.detach(), log_q - (adjoint * (u - u.detach())).sum(-1)
+    return u, log_q - (adjoint * (u - u.detach())).sum(-1)
 
 
 class FlowSAC(SAC):
