@@ -174,9 +174,9 @@ def soft_actor_loss(
 
 
 def _samples_and_score_surrogate(dist: FlowDistribution, samples: int) -> tuple[Tensor, Tensor]:
-    r"""``K`` samples :math:`u = f_\theta(z)` (detached) and :math:`\log q_\theta(u)`, whose
-    gradient is the score :math:`\nabla_\theta \log q_\theta(u)` at :math:`u` held fixed,
-    computed from the forward pass alone.
+    r"""``K`` samples :math:`u = f_\theta(z)` (differentiable: pathwise terms use them) and
+    :math:`\log q_\theta(u)`, whose gradient is the score :math:`\nabla_\theta \log
+    q_\theta(u)` at :math:`u` held fixed, computed from the forward pass alone.
 
     With :math:`\ell(\theta, z) = \log q_\theta(f_\theta(z))` (the forward pass's log-density)
     and :math:`z^*(\theta) = f_\theta^{-1}(u)`, the implicit function theorem gives
