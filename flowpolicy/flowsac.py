@@ -216,11 +216,10 @@ class FlowSAC(SAC):
         per state (module docstring). Saved with the model and restored by ``FlowSAC.load``.
     :param score_samples: :math:`K`, actions per state of the score update (at least 2); the
         critics are evaluated on :math:`K` times the batch, without gradients. A larger
-        :math:`K` lowers the variance of the baseline, not the bias (there is none). Measured:
-        against a fixed two-mode critic, 2, 4 and 16 actions per state (same actions per step)
-        all kept both modes at 48-52%. A gradient step of the flow on Pendulum (batch 256) cost
-        1.17x SAC's with ``K=4`` and 1.89x with ``K=16``; forming the score costs :math:`d + 1`
-        backward passes over the samples, so it grows with the action size :math:`d`.
+        :math:`K` lowers the variance of the baseline, not the bias (there is none). A gradient
+        step of the flow on Pendulum (batch 256) cost 1.17x SAC's with ``K=4`` and 1.89x with
+        ``K=16``; forming the score costs :math:`d + 1` backward passes over the samples, so it
+        grows with the action size :math:`d`.
 
     The entropy coefficient's update uses the log-densities of the actor update's actions (all
     :math:`K` per state with ``"score"``), and runs after the critic and actor updates of the
