@@ -194,14 +194,23 @@ def _samples_and_score_surrogate(dist: FlowDistribution, samples: int) -> tuple[
     step's loss :math:`-\infty` on LakeCrossing. Here the value is the forward pass's, and those
     samples keep their gradient, which pulls the tails back in. Cost: :math:`d + 1` backward
     passes over the samples' graph to form :math:`J` and :math:`\nabla_z \ell` (``d`` the
-    action size); the :math:`d \times d` solves run in float64.
+    action size); the :math:`d \times d` solves run in float64, by least squares where
+    :math:`J` is singular in float32.
     """
     z = dist._base_rsample(torch.Size((samples,))).requires_grad_()
     u, log_q = dist.push_forward(z)
     outputs = [u[..., i].sum() for i in range(u.shape[-1])] + [log_q.sum()]
     grads = [torch.autograd.grad(y, z, retain_graph=True)[0] for y in outputs]
     jacobian, grad_z = torch.stack(grads[:-1], -2), grads[-1]  # J[..., i, j] = du_i / dz_j
-    adjoint = torch.linalg.solve(jacobian.double().mT, grad_z.double()).to(u.dtype)
+    system, rhs = jacobian.double().mT, grad_z.double()
+    adjoint, info = torch.linalg.solve_ex(system, rhs)
+    singular = info != 0
+    if singular.any():
+        # J underflowed to singular in float32 (layers that compress by 1e-20 and more; seen on
+        # Hopper-v5) although the log-det, a sum of logs, is finite: least squares there
+        pinv = torch.linalg.pinv(system[singular])
+        adjoint[singular] = (pinv @ rhs[singular].unsqueeze(-1)).squeeze(-1)
+    adjoint = adjoint.to(u.dtype)
     # value log_q; gradient d_theta log_q - adjoint . d_theta u (z is not a parameter)
     return u, log_q - (adjoint * (u - u.detach())).sum(-1)
 

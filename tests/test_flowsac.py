@@ -188,6 +188,21 @@ def test_score_update_is_finite_where_float32_cannot_invert_the_flow():
     assert all(g is None or torch.isfinite(g).all() for g in grads)
 
 
+def test_score_surrogate_where_the_jacobian_underflows_to_singular():
+    # two float32 scalings by 1e-30: the samples' Jacobian is 0 (singular) in float32, their
+    # log-det (-138 nats, a sum of logs) finite; the score is then taken by least squares
+    from torch.distributions import AffineTransform, Independent, Normal
+
+    from flowpolicy.distribution import FlowDistribution
+
+    scale = torch.tensor(1e-30, requires_grad=True)
+    base = Independent(Normal(torch.zeros(3, 2), torch.ones(3, 2)), 1)
+    steps = [AffineTransform(0.0, scale, event_dim=1), AffineTransform(0.0, 1e-30, event_dim=1)]
+    u, surrogate = _samples_and_score_surrogate(FlowDistribution(base, steps), samples=4)
+    (grad,) = torch.autograd.grad(surrogate.sum(), scale)
+    assert (u == 0).all() and torch.isfinite(surrogate).all() and torch.isfinite(grad)
+
+
 def test_fixed_entropy_coefficient():
     model = small_sac(FlowPolicy, actor_gradient="score", ent_coef=0.2)
     model.learn(96)
