@@ -6,7 +6,7 @@ SAC's actor minimizes, at each state :math:`s` of a replay batch,
           \big[\alpha \log \pi_\theta(a \mid s) - Q(s, a)\big],
           \qquad Q = \min_k Q_k,
 
-whose minimizer over all policies is the Boltzmann policy :math:`e^{Q/\alpha}/Z`. Two unbiased
+whose minimizer over all policies is the Boltzmann policy :math:`e^{Q/\alpha}/Z`. Three unbiased
 estimates of :math:`\nabla_\theta J_s` are offered (``FlowSAC(actor_gradient=...)``):
 
 * ``"reparam"``, SAC's: :math:`a = g_\theta(z)`, :math:`z \sim \mathcal{N}(0, I)`, and
@@ -43,6 +43,18 @@ symmetry tools.) The score :math:`\nabla_\theta \log q_\theta(u_k)` is computed 
 pass that drew the samples (the implicit-function form, :func:`_samples_and_score_surrogate`),
 not through the inverse, which float32 cannot evaluate for samples far out in a flow's tails.
 
+* ``"combined"``: the score function for :math:`-Q` alone (:math:`f_k = -Q(s, a_k)`, same
+  baseline) and SAC's pathwise gradient for all of :math:`\alpha \log \pi_\theta`. The critic
+  enters only through its values at the sampled actions, so every sample still carries the
+  weights of the modes; the entropy's gradient is SAC's. Why: in ``"score"`` the density's
+  gradient rewards samples far out in the pre-tanh tails (low :math:`\log q`, high entropy of
+  :math:`u`) while only the bounded pull of the pathwise tanh term brings them back, and on
+  Pendulum-v1 that balance broke: in 20 gradient steps the largest :math:`|u|` of a batch went
+  from 17 to the output bound 1000 and the entropy from -1.6 to -100 nats (after 17k steps of
+  normal learning). Against the fixed symmetric critic this update keeps both modes as
+  ``"score"`` does, so the drift of ``"reparam"``'s split comes from :math:`\nabla_a Q`, not
+  from the entropy's gradient.
+
 The critics, the target networks and the entropy coefficient's update are SAC's. Works with
 :class:`~flowpolicy.sb3.FlowPolicy` and SB3's Gaussian ``MlpPolicy`` (without gSDE), with the
 symmetry tools of :mod:`flowpolicy.symmetry`, and with ``save``/``load``.
@@ -72,7 +84,7 @@ from flowpolicy.distribution import FlowDistribution, squashed_gaussian
 
 __all__ = ["ACTOR_GRADIENTS", "FlowSAC", "policy_distribution", "soft_actor_loss"]
 
-ACTOR_GRADIENTS = ("reparam", "score")
+ACTOR_GRADIENTS = ("reparam", "score", "combined")
 """The actor updates of :class:`FlowSAC` (see the module docstring)."""
 
 # a critic as SB3's: (obs, actions) -> one (n, 1) tensor per Q-network
@@ -147,8 +159,8 @@ def soft_actor_loss(
         from ``"reparam"`` (SAC's actor optimizer leaves them alone).
     :param obs: the batch of ``n`` states.
     :param alpha: the entropy coefficient (not differentiated).
-    :param gradient: ``"reparam"`` or ``"score"``.
-    :param samples: :math:`K`, actions per state of ``"score"`` (at least 2).
+    :param gradient: one of :data:`ACTOR_GRADIENTS`.
+    :param samples: :math:`K`, actions per state of ``"score"`` and ``"combined"`` (at least 2).
     :return: ``(loss, log_prob)``, ``log_prob`` detached, shape ``(n,)`` or ``(K, n)``.
     """
     if gradient == "reparam":
@@ -158,24 +170,29 @@ def soft_actor_loss(
             actions, log_prob = policy_distribution(actor, obs).rsample_and_log_prob()
         loss = (alpha * log_prob - _min_q(critic, obs, actions)).mean()
         return loss, log_prob.detach()
-    if gradient != "score":
+    if gradient not in ACTOR_GRADIENTS:
         raise ValueError(f"gradient must be one of {ACTOR_GRADIENTS}, got {gradient!r}")
     dist = _unsquashed(policy_distribution(actor, obs))
-    u, log_q = _samples_and_score_surrogate(dist, samples)  # (K, n, d), (K, n)
-    squash = Tanh().log_abs_det_jacobian(u, None)  # log|d tanh/du|, a function of u
+    u, log_q, score = _samples_and_score_surrogate(dist, samples)  # (K, n, d), (K, n), (K, n)
+    squash = Tanh().log_abs_det_jacobian(u, None)  # log|d tanh/du|, a known function of u
     with torch.no_grad():
         actions = torch.tanh(u)
         q = _min_q(critic, _repeat(obs, samples), actions.flatten(0, 1)).view(samples, -1)
-        cost = alpha * log_q - q  # the part of alpha log pi - Q taken by the score function
+        # the part of alpha log pi - Q taken by the score function; the rest is pathwise
+        cost = alpha * log_q - q if gradient == "score" else -q
         baseline = (cost.sum(0) - cost) / (samples - 1)  # the mean of the other K - 1
-    # the tanh term -alpha log|d tanh/du| is a known function of u: its gradient is pathwise
-    loss = ((cost - baseline) * log_q).mean() - (alpha * squash).mean()
+    # pathwise: the tanh term alone ("score"), or all of alpha log pi ("combined")
+    pathwise = -squash if gradient == "score" else log_q - squash
+    loss = ((cost - baseline) * score).mean() + (alpha * pathwise).mean()
     return loss, (log_q - squash).detach()
 
 
-def _samples_and_score_surrogate(dist: FlowDistribution, samples: int) -> tuple[Tensor, Tensor]:
-    r"""``K`` samples :math:`u = f_\theta(z)` (differentiable: pathwise terms use them) and
-    :math:`\log q_\theta(u)`, whose gradient is the score :math:`\nabla_\theta \log
+def _samples_and_score_surrogate(
+    dist: FlowDistribution, samples: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""``K`` samples :math:`u = f_\theta(z)` and their log-density :math:`\ell(\theta, z) =
+    \log q_\theta(f_\theta(z))` (both differentiable along the path: pathwise terms use them),
+    and :math:`\log q_\theta(u)` again, whose gradient is the score :math:`\nabla_\theta \log
     q_\theta(u)` at :math:`u` held fixed, computed from the forward pass alone.
 
     With :math:`\ell(\theta, z) = \log q_\theta(f_\theta(z))` (the forward pass's log-density)
@@ -212,7 +229,7 @@ def _samples_and_score_surrogate(dist: FlowDistribution, samples: int) -> tuple[
         adjoint[singular] = (pinv @ rhs[singular].unsqueeze(-1)).squeeze(-1)
     adjoint = adjoint.to(u.dtype)
     # value log_q; gradient d_theta log_q - adjoint . d_theta u (z is not a parameter)
-    return u, log_q - (adjoint * (u - u.detach())).sum(-1)
+    return u, log_q, log_q - (adjoint * (u - u.detach())).sum(-1)
 
 
 class FlowSAC(SAC):
@@ -220,20 +237,23 @@ class FlowSAC(SAC):
 
     Takes every argument of SB3's :class:`~stable_baselines3.SAC`, plus:
 
-    :param actor_gradient: ``"reparam"`` (SAC's, the default) or ``"score"``, the
+    :param actor_gradient: ``"reparam"`` (SAC's, the default), ``"score"``, the
         likelihood-ratio gradient with a leave-one-out baseline over ``score_samples`` actions
-        per state (module docstring). Saved with the model and restored by ``FlowSAC.load``.
-    :param score_samples: :math:`K`, actions per state of the score update (at least 2); the
-        critics are evaluated on :math:`K` times the batch, without gradients. A larger
-        :math:`K` lowers the variance of the baseline, not the bias (there is none). A gradient
-        step of the flow on Pendulum (batch 256) cost 1.17x SAC's with ``K=4`` and 1.89x with
-        ``K=16``; forming the score costs :math:`d + 1` backward passes over the samples, so it
-        grows with the action size :math:`d`.
+        per state, or ``"combined"``, the likelihood ratio for the critic's term and SAC's
+        pathwise gradient for the entropy's (module docstring). Saved with the model and
+        restored by ``FlowSAC.load``.
+    :param score_samples: :math:`K`, actions per state of ``"score"`` and ``"combined"`` (at
+        least 2); the critics are evaluated on :math:`K` times the batch, without gradients. A
+        larger :math:`K` lowers the variance of the baseline, not the bias (there is none). A
+        gradient step of the flow on Pendulum (batch 256) cost 1.17x SAC's with ``K=4`` and
+        1.89x with ``K=16``; forming the score costs :math:`d + 1` backward passes over the
+        samples, so it grows with the action size :math:`d`.
 
     The entropy coefficient's update uses the log-densities of the actor update's actions (all
-    :math:`K` per state with ``"score"``), and runs after the critic and actor updates of the
-    gradient step, with SAC's loss; the coefficient used by both is, as in SAC, its value before
-    that update. ``train/entropy`` (mean of :math:`-\log\pi`) is logged with SAC's keys.
+    :math:`K` per state with ``"score"`` and ``"combined"``), and runs after the critic and actor
+    updates of the gradient step, with SAC's loss; the coefficient used by both is, as in SAC, its
+    value before that update. ``train/entropy`` (mean of :math:`-\log\pi`) is logged with SAC's
+    keys.
     """
 
     def __init__(
@@ -256,10 +276,10 @@ class FlowSAC(SAC):
                 f"score_samples must be >= 2 (the leave-one-out baseline needs another action "
                 f"per state), got {score_samples}"
             )
-        if actor_gradient == "score" and kwargs.get("use_sde", False):
+        if actor_gradient != "reparam" and kwargs.get("use_sde", False):
             raise ValueError(
-                "actor_gradient='score' needs the log-density of given actions, which gSDE's "
-                "does not give; use use_sde=False"
+                f"actor_gradient={actor_gradient!r} needs the log-density of given actions, "
+                "which gSDE's does not give; use use_sde=False"
             )
         self.actor_gradient = actor_gradient
         self.score_samples = score_samples
