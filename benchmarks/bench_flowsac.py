@@ -1,10 +1,10 @@
-"""FlowSAC's actor updates side by side: the score-function update vs SAC's reparameterized one.
+"""FlowSAC's actor updates side by side: the score-function and combined updates vs SAC's.
 
 Three parts (``--parts``), each printed as a markdown table and recorded in BENCHMARKS.md:
 
 1. ``lake``: SAC on LakeCrossing-v0 (``experiments/lake_sac.py``, its defaults: 8k steps, the
-   spline flow, the symmetry tools) for the flow with the score update, the flow with SAC's
-   update and the Gaussian with SAC's update, same seeds. Per run: the route split of 200
+   spline flow, the symmetry tools) for the flow with the score update, the combined update
+   and SAC's update, and the Gaussian with SAC's update, same seeds. Per run: the route split of 200
    stochastic rollouts (both routes kept = each >= 30%), success, and beside it the critic's
    :math:`\\Delta Q/\\alpha` at the start between the two mirrored tangent headings (an actor
    optimal for its critic keeps a mass ratio :math:`e^{-|\\Delta Q|/\\alpha}` between them; with
@@ -14,7 +14,7 @@ Three parts (``--parts``), each printed as a markdown table and recorded in BENC
    Runs go to ``--out``, each in its own process (``--jobs`` at a time); a finished run
    (``summary.json``) is read again, not re-run.
 2. ``timing``: milliseconds (thread CPU time) per gradient step on Pendulum-v1 (zoo settings,
-   batch 256) of each update, for the Gaussian and the flow: what the score update costs.
+   batch 256) of each update, for the Gaussian and the flow: what the score updates cost.
 3. ``returns``: Pendulum-v1 (zoo settings) final deterministic return of each update, per seed.
 
 Run::
@@ -47,7 +47,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _record import record  # noqa: E402
 
 # (policy, actor gradient): the rows compared on the lake
-LAKE_VARIANTS = [("flow", "score"), ("flow", "reparam"), ("gaussian", "reparam")]
+LAKE_VARIANTS = [
+    ("flow", "score"),
+    ("flow", "combined"),
+    ("flow", "reparam"),
+    ("gaussian", "reparam"),
+]
 MIN_ROUTE_SHARE = 0.3
 NOTE_LOAD = (
     "The machine was shared with other jobs (2 cores, several processes): wall times are not "
@@ -106,7 +111,7 @@ def lake(args) -> None:
     for (seed, policy, gradient), r in results.items():
         s, m = r["stochastic"], r["start_mass"]
         both = min(s["cw"], s["ccw"]) >= MIN_ROUTE_SHARE
-        update = f"{gradient} ({r['samples']})" if gradient == "score" else gradient
+        update = gradient if gradient == "reparam" else f"{gradient} ({r['samples']})"
         lines.append(
             f"| {policy} | {update} | "
             f"{seed} | {r['steps']} | {100 * s['cw']:.0f} / {100 * s['ccw']:.0f} | "
@@ -132,7 +137,8 @@ def lake(args) -> None:
     mode = "without" if args.no_symmetry else "with"
     note = (
         f"\n\nLakeCrossing-v0, seeds {list(args.seeds)}, {mode} the symmetry tools (mirrored "
-        f"replay buffer and symmetric critic); K: actions per state of the score update; "
+        f"replay buffer and symmetric critic); K: actions per state of the score and combined "
+        f"updates; "
         f"{args.rollouts} sampled rollouts per run. ΔQ/α: min-critic value of the cw minus the ccw "
         f"tangent heading at the start, over the final α. {'; '.join(summary)}. {NOTE_LOAD}\n"
     )
@@ -150,7 +156,7 @@ def plot_lake(results: dict, path: Path, args) -> None:
     training."""
     fig = Figure(figsize=(14, 4.2))
     bars, dq, mass = fig.subplots(1, 3)
-    colors = {("flow", "score"): "C0", ("flow", "reparam"): "C1", ("gaussian", "reparam"): "C2"}
+    colors = dict(zip(LAKE_VARIANTS, ("C0", "C3", "C1", "C2")))
     labelled: set[tuple[str, str]] = set()  # one legend entry per variant
     for i, ((_, policy, gradient), r) in enumerate(results.items()):
         s = r["stochastic"]
@@ -164,7 +170,7 @@ def plot_lake(results: dict, path: Path, args) -> None:
         dq.plot(steps, [q["dq_over_alpha"][0] for q in r["qgap"]], color=c, label=label)
         curve = r["curve"]
         mass.plot([e["timesteps"] for e in curve], [e["cw_mass_start"][0] for e in curve], color=c)
-    names = [f"{p[0]}{'S' if g == 'score' else 'R'}{s}" for s, p, g in results]
+    names = [f"{p[0]}{g[0].upper()}{s}" for s, p, g in results]  # e.g. fS0: flow, score, seed 0
     bars.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
     bars.axhline(MIN_ROUTE_SHARE, color="k", lw=0.5)
     bars.set_title("cw (purple) / ccw (cyan) share of 200 sampled rollouts; ΔQ/α above", fontsize=8)
@@ -197,6 +203,7 @@ def pendulum_model(policy: str, gradient: str, seed: int, samples: int, **kwargs
 def timing(args) -> None:
     rows = [("gaussian", "reparam", 0), ("gaussian", "score", args.score_samples)]
     rows += [("flow", "reparam", 0)] + [("flow", "score", k) for k in args.timing_samples]
+    rows += [("flow", "combined", args.score_samples)]
     models = {
         row: pendulum_model(*row[:2], 0, max(row[2], 2), learning_starts=1000) for row in rows
     }
@@ -245,7 +252,7 @@ def pendulum_run(policy: str, gradient: str, seed: int, args) -> float:
 
 
 def returns(args) -> None:
-    rows = [(p, g) for p in ("gaussian", "flow") for g in ("reparam", "score")]
+    rows = [(p, g) for p in ("gaussian", "flow") for g in ("reparam", "score", "combined")]
     jobs = [(p, g, s) for s in args.seeds for p, g in rows]
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.jobs, mp_context=spawn) as pool:
@@ -258,7 +265,7 @@ def returns(args) -> None:
         lines.append(f"| {policy} | {gradient} | {cells} | {np.mean(values):.0f} |")
     note = (
         f"\n\nPendulum-v1, zoo settings (lr 1e-3), {args.pendulum_steps} steps, 10 deterministic "
-        f"evaluation episodes; score update: {args.score_samples} actions per state. "
+        f"evaluation episodes; score and combined updates: {args.score_samples} actions per state. "
         f"{NOTE_LOAD}\n"
     )
     table = "\n".join(lines) + note

@@ -13,8 +13,9 @@ r"""SAC on LakeCrossing, flow vs Gaussian, with every knob of the study behind t
   construction (``policy_kwargs=dict(symmetry=...)``).
 * the entropy coefficient (``--ent-coef``, ``--alpha-warmup``, ``--alpha-min``,
   ``--target-entropy``), the actor's learning-rate ratio, n-step returns, the flow's settings.
-* ``--actor-gradient score``: :class:`flowpolicy.flowsac.FlowSAC`'s score-function actor update
-  (``--score-samples`` actions per state) instead of SAC's reparameterized one.
+* ``--actor-gradient score`` (or ``combined``): :class:`flowpolicy.flowsac.FlowSAC`'s
+  score-function actor update (``--score-samples`` actions per state) instead of SAC's
+  reparameterized one.
 
 Why plain SAC ends on one route: a soft actor that is optimal for its critic keeps a mass ratio
 :math:`e^{-\Delta Q/\alpha}` between the routes, and the critic only knows the routes in its
@@ -91,8 +92,9 @@ class Args:
     """store the mirror image of every transition too (uses the task's symmetry)"""
     symmetric_critic: bool = True
     """make every Q mirror-symmetric by construction: Q(s, a) = [Q(s, a) + Q(Ms, Ma)] / 2"""
-    actor_gradient: Literal["reparam", "score"] = "reparam"
-    """actor update (flowpolicy.flowsac.FlowSAC): reparam (SAC's) or score (likelihood ratio)"""
+    actor_gradient: Literal["reparam", "score", "combined"] = "reparam"
+    """actor update (flowpolicy.flowsac.FlowSAC): reparam (SAC's), score (likelihood ratio) or
+    combined (likelihood ratio for the critic's term, pathwise for the entropy's)"""
     score_samples: int = 4
     """actions per state of the score update"""
     learning_rate: float = 1e-3

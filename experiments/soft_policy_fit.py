@@ -22,7 +22,7 @@ This isolates the actor from the critic (in full SAC the critic is learned from 
 data, so its errors and the actor's route feed each other): the flow actor keeps both modes, the
 tanh-Gaussian actor takes one, or, at large :math:`\alpha`, straddles the gap.
 
-Each actor is fitted with two unbiased gradients of the same objective (``--gradients``):
+Each actor is fitted with three unbiased gradients of the same objective (``--gradients``):
 
 * ``reparam``, SAC's: :math:`\nabla_\theta \frac1n \sum_i \ell(a_i)` with
   :math:`a_i = f_\theta(z_i)` and :math:`\ell = \alpha \log\pi - Q`. Once the modes are apart,
@@ -31,7 +31,9 @@ Each actor is fitted with two unbiased gradients of the same objective (``--grad
 * ``score``, the likelihood-ratio (REINFORCE) gradient with a leave-one-out baseline,
   :math:`\frac1n \sum_i (\ell(a_i) - \bar\ell_{-i}) \nabla_\theta \log\pi_\theta(a_i)` with
   the :math:`a_i` held fixed. A mode that holds too much mass has a higher :math:`\ell` there
-  (by :math:`\alpha \log(2w)`), so every sample carries the weights' gradient.
+  (by :math:`\alpha \log(2w)`), so every sample carries the weights' gradient;
+* ``combined``: the likelihood ratio for :math:`-Q` alone and the pathwise gradient for
+  :math:`\alpha \log \pi`: whether the reparameterized drift comes from :math:`\nabla_a Q`.
 
 Both actors are state-conditioned networks, as in SAC, evaluated at one fixed state. Masses are
 exact (grid integration of the density, :func:`flowpolicy.diagnostics.side_mass`), and the KL to
@@ -40,7 +42,7 @@ over the action square).
 
 Run::
 
-    python experiments/soft_policy_fit.py --out runs/soft_fit    # 3 seeds x 3 alphas x 2 gradients
+    python experiments/soft_policy_fit.py --out runs/soft_fit    # 3 seeds x 3 alphas x 3 gradients
     python experiments/soft_policy_fit.py --out runs/soft_fit_tiny --tiny
 
 ``examples/soft_policy_fit.py`` is the short version (one seed, the defaults below).
@@ -78,8 +80,9 @@ class Args:
     """seeds of the actors' initialization and sampling"""
     alphas: tuple[float, ...] = (0.1, 0.3, 1.0)
     """entropy coefficients"""
-    gradients: tuple[str, ...] = ("reparam", "score")
-    """gradient estimators of the objective: reparam (SAC's) and score (likelihood ratio)"""
+    gradients: tuple[str, ...] = ("reparam", "score", "combined")
+    """gradient estimators of the objective: reparam (SAC's), score (likelihood ratio) and
+    combined (likelihood ratio for -Q, pathwise for alpha log pi)"""
     steps: int = 2000
     """Adam steps per fit"""
     alpha_start: float = 1.0
