@@ -138,9 +138,9 @@ def lake(args) -> None:
     note = (
         f"\n\nLakeCrossing-v0, seeds {list(args.seeds)}, {mode} the symmetry tools (mirrored "
         f"replay buffer and symmetric critic); K: actions per state of the score and combined "
-        f"updates; "
-        f"{args.rollouts} sampled rollouts per run. ΔQ/α: min-critic value of the cw minus the ccw "
-        f"tangent heading at the start, over the final α. {'; '.join(summary)}. {NOTE_LOAD}\n"
+        f"updates; {args.rollouts} sampled rollouts per run. ΔQ/α: min-critic value of the cw "
+        f"minus the ccw tangent heading at the start, over the final α. {'; '.join(summary)}. "
+        f"{NOTE_LOAD}\n"
     )
     table = "\n".join(lines) + note
     print(table)

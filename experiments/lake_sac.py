@@ -96,7 +96,7 @@ class Args:
     """actor update (flowpolicy.flowsac.FlowSAC): reparam (SAC's), score (likelihood ratio) or
     combined (likelihood ratio for the critic's term, pathwise for the entropy's)"""
     score_samples: int = 4
-    """actions per state of the score update"""
+    """actions per state of the score and combined updates"""
     learning_rate: float = 1e-3
     """Adam learning rate of actor, critics and alpha"""
     actor_lr_ratio: float = 1.0

@@ -52,7 +52,7 @@ not through the inverse, which float32 cannot evaluate for samples far out in a 
   Pendulum-v1 that balance broke: in 20 gradient steps the largest :math:`|u|` of a batch went
   from 17 to the output bound 1000 and the entropy from -1.6 to -100 nats (after 17k steps of
   normal learning). Against the fixed symmetric critic this update keeps both modes (at least
-  36% on each, 3 seeds, where ``"reparam"`` empties one at :math:`\alpha = 0.1`), so the drift
+  35% on each, 3 seeds, where ``"reparam"`` empties one at :math:`\alpha = 0.1`), so the drift
   of ``"reparam"``'s split comes from :math:`\nabla_a Q`, not from the entropy's gradient. It
   does not cure everything: on Hopper-v5 a flow trained with it still collapsed late, with
   saturated actions and a climbing :math:`\alpha`, as with ``"score"``.
@@ -247,9 +247,9 @@ class FlowSAC(SAC):
     :param score_samples: :math:`K`, actions per state of ``"score"`` and ``"combined"`` (at
         least 2); the critics are evaluated on :math:`K` times the batch, without gradients. A
         larger :math:`K` lowers the variance of the baseline, not the bias (there is none). A
-        gradient step of the flow on Pendulum (batch 256) cost 1.17x SAC's with ``K=4`` and
-        1.89x with ``K=16``; forming the score costs :math:`d + 1` backward passes over the
-        samples, so it grows with the action size :math:`d`.
+        gradient step of the flow on Pendulum (batch 256) cost 1.15x SAC's with ``K=4`` and
+        1.86x with ``K=16`` (1.16x for ``"combined"``); forming the score costs :math:`d + 1`
+        backward passes over the samples, so it grows with the action size :math:`d`.
 
     The entropy coefficient's update uses the log-densities of the actor update's actions (all
     :math:`K` per state with ``"score"`` and ``"combined"``), and runs after the critic and actor
