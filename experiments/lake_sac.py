@@ -13,9 +13,9 @@ r"""SAC on LakeCrossing, flow vs Gaussian, with every knob of the study behind t
   construction (``policy_kwargs=dict(symmetry=...)``).
 * the entropy coefficient (``--ent-coef``, ``--alpha-warmup``, ``--alpha-min``,
   ``--target-entropy``), the actor's learning-rate ratio, n-step returns, the flow's settings.
-* ``--actor-gradient score`` (or ``combined``): :class:`flowpolicy.flowsac.FlowSAC`'s
-  score-function actor update (``--score-samples`` actions per state) instead of SAC's
-  reparameterized one.
+* ``--actor-gradient score`` or ``combined``: :class:`flowpolicy.flowsac.FlowSAC`'s
+  score-function actor update, for all of the actor's objective or for the critic's term alone
+  (``--score-samples`` actions per state), instead of SAC's reparameterized one.
 
 Why plain SAC ends on one route: a soft actor that is optimal for its critic keeps a mass ratio
 :math:`e^{-\Delta Q/\alpha}` between the routes, and the critic only knows the routes in its
